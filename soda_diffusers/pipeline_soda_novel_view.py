@@ -1,0 +1,240 @@
+"""``SODANovelViewPipeline``: one source view (or several) in, novel views at the given rays out."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+class SODANovelViewPipeline(DiffusionPipeline):
+    r"""Novel view synthesis with a SODA bottleneck diffusion model.
+
+    The encoder squeezes the source view(s) into a latent ``z``; the U-Net denoises each target
+    view from pure noise, seeing only its rays and ``z``. Works with any Diffusers noise scheduler
+    (DDPM, DDIM, DPM-Solver, Euler, UniPC, ...): swap it with
+    ``pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``.
+
+    Components:
+        encoder ([`SODAEncoder`]): source view(s) -> ``z``.
+        unet ([`SODAUNet2DModel`]): the ``z``-modulated denoiser.
+        scheduler ([`SchedulerMixin`]): the sampler.
+    """
+
+    model_cpu_offload_seq = "encoder->unet"
+
+    def __init__(self, encoder, unet, scheduler):
+        super().__init__()
+        self.register_modules(encoder=encoder, unet=unet, scheduler=scheduler)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=True)
+
+    @classmethod
+    def from_preset(cls, name_or_path: str | Path, **component_overrides) -> SODANovelViewPipeline:
+        """An untrained pipeline from a config-only preset directory (``model_index.json``,
+        ``encoder/config.json``, ``unet/config.json``, ``scheduler/scheduler_config.json``): a name
+        from the top-level ``pipelines/`` folder (``soda-tiny``, ``soda-nmr-32``, ``soda-nmr-64``)
+        or a path. ``component_overrides`` maps a component to config values to change, e.g.
+        ``unet={"layers_per_block": 1}``."""
+        path = Path(name_or_path)
+        if not (path / "model_index.json").is_file():
+            path = PRESETS_DIR / str(name_or_path)
+        if not (path / "model_index.json").is_file():
+            available = sorted(p.name for p in PRESETS_DIR.iterdir() if (p / "model_index.json").is_file())
+            raise ValueError(f"preset: expected one of {available} or a preset directory, got {str(name_or_path)!r}")
+        index = json.loads((path / "model_index.json").read_text())
+        components = {}
+        for name, entry in index.items():
+            if name.startswith("_"):
+                continue
+            library, class_name = entry
+            component_class = getattr(__import__(library, fromlist=[class_name]), class_name)
+            config = dict(component_class.load_config(path / name))
+            config.update(component_overrides.pop(name, {}))
+            component = component_class.from_config(config)
+            # Inference mode, as from_pretrained gives: no z-dropout or layer masking when sampling.
+            components[name] = component.eval() if isinstance(component, torch.nn.Module) else component
+        if component_overrides:
+            raise ValueError(f"component_overrides: unknown components {sorted(component_overrides)}")
+        return cls(**components)
+
+    def preprocess_source(self, source_image) -> torch.Tensor:
+        """Any source input -> ``(B, k, 3, S, S)`` in [-1, 1] at the encoder's resolution ``S``.
+
+        * a PIL image, an ``(H, W, 3)`` array or a ``(3, H, W)`` tensor: one view;
+        * a list of those: ``k`` views of one object (their latents are averaged);
+        * an ``(N, H, W, 3)`` array or ``(N, 3, H, W)`` tensor: one view per target;
+        * an ``(N, k, 3, H, W)`` tensor: ``k`` views per target.
+
+        Arrays and PIL images hold the usual [0, 255] (uint8) or [0, 1] (float) values; tensors
+        hold model-space values in [-1, 1], as the ``soda_diffusers.data`` loaders produce them.
+        """
+        size = self.encoder.config.sample_size
+        if isinstance(source_image, (list, tuple)):
+            if len(source_image) == 0:
+                raise ValueError("source_image: got an empty list")
+            views = [self.preprocess_source(view) for view in source_image]
+            if any(view.shape[:2] != (1, 1) for view in views):
+                raise ValueError("source_image: a list holds single views of one object, got a batch inside it")
+            return torch.cat(views, dim=1)
+        if isinstance(source_image, PIL.Image.Image):
+            source_image = source_image.convert("RGB")
+            image = self.image_processor.preprocess(source_image, height=size, width=size)
+            return image[:, None]
+        if isinstance(source_image, np.ndarray):
+            if source_image.ndim not in (3, 4) or source_image.shape[-1] != 3:
+                raise ValueError(f"source_image: expected an (H, W, 3) or (N, H, W, 3) array, got {source_image.shape}")
+            array = source_image.astype(np.float32) / (255.0 if source_image.dtype == np.uint8 else 1.0)
+            tensor = torch.from_numpy(array).movedim(-1, -3) * 2 - 1
+            return self._resize(tensor.reshape(-1, 1, *tensor.shape[-3:]), size)
+        if isinstance(source_image, torch.Tensor):
+            if source_image.ndim not in (3, 4, 5) or source_image.shape[-3] != 3:
+                raise ValueError(
+                    "source_image: expected a (3, H, W), (N, 3, H, W) or (N, k, 3, H, W) tensor, "
+                    f"got {tuple(source_image.shape)}"
+                )
+            if not torch.isfinite(source_image).all():
+                raise ValueError("source_image: contains NaN or inf")
+            if source_image.min() < -1.001 or source_image.max() > 1.001:
+                raise ValueError(
+                    f"source_image: tensors are expected in [-1, 1], got values in "
+                    f"[{source_image.min().item():.3g}, {source_image.max().item():.3g}]"
+                )
+            tensor = source_image.float()
+            tensor = tensor.reshape(-1, 1, *tensor.shape[-3:]) if tensor.ndim < 5 else tensor
+            return self._resize(tensor, size)
+        raise ValueError(f"source_image: expected a PIL image, numpy array, tensor or list, got {type(source_image)}")
+
+    @staticmethod
+    def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+        if images.shape[-2:] == (size, size):
+            return images
+        flat = images.flatten(0, 1)
+        if flat.shape[-1] % size == 0 and flat.shape[-2] % size == 0:
+            # Integer shrink (64 -> 32 px): area averaging, as NMR images are usually downsampled.
+            flat = torch.nn.functional.interpolate(flat, size=(size, size), mode="area")
+        else:
+            flat = torch.nn.functional.interpolate(flat, size=(size, size), mode="bilinear", antialias=True)
+        return flat.view(*images.shape[:2], 3, size, size)
+
+    @torch.no_grad()
+    def encode(self, source_image, source_rays: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent ``z`` ``(B, latent_dim)`` of the source view(s) (see :meth:`preprocess_source`).
+
+        ``source_rays`` ``(B, k, 6, S, S)`` are needed with ``k > 1`` views: each view's rays in the
+        first view's camera frame."""
+        images = self.preprocess_source(source_image).to(self.device, self.encoder.dtype)
+        if source_rays is not None:
+            source_rays = source_rays.to(self.device, self.encoder.dtype)
+            if source_rays.ndim == 4:
+                source_rays = source_rays[None]
+        return self.encoder(images, source_rays)
+
+    def check_target_rays(self, target_rays) -> torch.Tensor:
+        size = self.unet.config.sample_size
+        if not isinstance(target_rays, torch.Tensor):
+            raise ValueError(f"target_rays: expected a tensor, got {type(target_rays)}")
+        if target_rays.ndim == 3:
+            target_rays = target_rays[None]
+        if target_rays.ndim != 4 or tuple(target_rays.shape[1:]) != (6, size, size):
+            raise ValueError(
+                f"target_rays: expected (N, 6, {size}, {size}) rays [origin, direction] at the U-Net's resolution, "
+                f"got {tuple(target_rays.shape)}"
+            )
+        if not torch.isfinite(target_rays).all():
+            raise ValueError("target_rays: contains NaN or inf")
+        return target_rays
+
+    def prepare_extra_step_kwargs(self, generator, eta: float) -> dict:
+        # Only some schedulers take eta (DDIM) or a generator (stochastic ones).
+        parameters = inspect.signature(self.scheduler.step).parameters
+        kwargs = {}
+        if "eta" in parameters:
+            kwargs["eta"] = eta
+        if "generator" in parameters:
+            kwargs["generator"] = generator
+        return kwargs
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        source_image,
+        target_rays: torch.Tensor,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        source_rays: torch.Tensor | None = None,
+        eta: float = 0.0,
+        latents: torch.Tensor | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate one image per target ray map.
+
+        Args:
+            source_image: the source view(s): see :meth:`preprocess_source`. One source for all
+                targets, or one per target.
+            target_rays: ``(N, 6, S, S)`` rays ``[origin, direction]`` of the target cameras, in the
+                source camera's frame (``soda_diffusers.orbit_rays`` / ``nmr_rays``).
+            num_inference_steps: denoising steps.
+            guidance_scale: classifier-free guidance weight ``w`` in
+                ``eps = eps_uncond + w * (eps_cond - eps_uncond)``; 1 uses the conditional model alone.
+            generator: a generator, or one per target image for batch-independent results.
+            output_type: ``"pil"``, ``"np"`` (``(N, S, S, 3)`` in [0, 1]) or ``"pt"`` (``(N, 3, S, S)`` in [0, 1]).
+            source_rays: rays of the source views (needed with several views per object).
+            eta: DDIM's stochasticity (0: deterministic).
+            latents: initial noise ``(N, 3, S, S)`` instead of drawing it from ``generator``.
+        """
+        target_rays = self.check_target_rays(target_rays)
+        num_targets = target_rays.shape[0]
+        if isinstance(generator, list) and len(generator) != num_targets:
+            raise ValueError(f"generator: expected one generator per target ({num_targets}), got {len(generator)}")
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type: expected 'pil', 'np' or 'pt', got {output_type!r}")
+
+        z = self.encode(source_image, source_rays)
+        if z.shape[0] not in (1, num_targets):
+            raise ValueError(
+                f"source_image: expected 1 source or one per target ({num_targets}), got {z.shape[0]} sources"
+            )
+        z = z.expand(num_targets, -1).to(self.unet.dtype)
+        target_rays = target_rays.to(self.device, self.unet.dtype)
+        do_guidance = guidance_scale != 1.0
+        if do_guidance:
+            # The unconditional branch is the model with its latent dropped, as in training.
+            z = torch.cat([z, torch.zeros_like(z)])
+            target_rays = torch.cat([target_rays, target_rays])
+
+        size = self.unet.config.sample_size
+        shape = (num_targets, self.unet.config.in_channels, size, size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        elif latents.shape != shape:
+            raise ValueError(f"latents: expected {shape}, got {tuple(latents.shape)}")
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        latents = latents.to(self.device, self.unet.dtype) * self.scheduler.init_noise_sigma
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(latents, t)
+            if do_guidance:
+                model_input = torch.cat([model_input, model_input])
+            prediction = self.unet(model_input, t, target_rays, z).sample
+            if do_guidance:
+                conditional, unconditional = prediction.chunk(2)
+                prediction = unconditional + guidance_scale * (conditional - unconditional)
+            latents = self.scheduler.step(prediction, t, latents, **extra_step_kwargs).prev_sample
+
+        images = self.image_processor.postprocess(latents.float(), output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

@@ -1,0 +1,155 @@
+import pytest
+import torch
+from conftest import TINY_ENCODER, TINY_UNET, randomize_
+
+from soda_diffusers import SODAEncoder, SODAUNet2DModel
+from soda_diffusers.cameras import orbit_rays
+
+
+def tiny_inputs(batch=2, size=16):
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(batch, 3, size, size, generator=generator)
+    rays = orbit_rays([15.0 * i for i in range(batch)], size=size)
+    z = torch.randn(batch, TINY_UNET["latent_dim"], generator=generator)
+    return sample, rays, z
+
+
+@pytest.mark.parametrize("model_class, config", [(SODAEncoder, TINY_ENCODER), (SODAUNet2DModel, TINY_UNET)])
+def test_save_and_load_round_trip_config_and_weights(tmp_path, model_class, config):
+    model = randomize_(model_class(**config)).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = model_class.from_pretrained(tmp_path).eval()
+    def public(config):
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
+
+    assert public(loaded.config) == public(model.config)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_every_constructor_argument_is_registered():
+    import inspect
+
+    for model_class in (SODAEncoder, SODAUNet2DModel):
+        arguments = set(inspect.signature(model_class.__init__).parameters) - {"self"}
+        assert arguments <= set(model_class(**({"latent_dim": 12} if model_class is SODAUNet2DModel else {})).config)
+
+
+def test_unet_accepts_integer_float_and_per_sample_timesteps():
+    unet = randomize_(SODAUNet2DModel(**TINY_UNET)).eval()
+    sample, rays, z = tiny_inputs()
+    with torch.no_grad():
+        a = unet(sample, 500, rays, z).sample
+        b = unet(sample, torch.tensor([500.0, 500.0]), rays, z).sample
+        c = unet(sample, torch.tensor(499.5), rays, z).sample
+    assert a.shape == sample.shape
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_unet_output_depends_on_z_and_rays():
+    unet = randomize_(SODAUNet2DModel(**TINY_UNET)).eval()
+    sample, rays, z = tiny_inputs()
+    with torch.no_grad():
+        base = unet(sample, 10, rays, z).sample
+        assert not torch.allclose(base, unet(sample, 10, rays, z + 1).sample)
+        assert not torch.allclose(base, unet(sample, 10, rays.flip(0), z).sample)
+
+
+def test_layerwise_modulation_routes_chunks_to_levels():
+    unet = randomize_(SODAUNet2DModel(**TINY_UNET))
+    chunks = unet.z_chunks(torch.arange(12.0)[None])
+    # Two levels: chunk 0 and 1 for the levels and their mirrors, chunk 2 for the middle.
+    assert [c.tolist()[0] for c in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    for level in unet.down_levels:
+        assert level.blocks[0].resnet.z_proj.in_features == 4
+    # Changing the middle chunk changes the output; down level 0's projection ignores it.
+    sample, rays, z = tiny_inputs()
+    unet.eval()
+    with torch.no_grad():
+        base = unet(sample, 10, rays, z).sample
+        z_mid = z.clone()
+        z_mid[:, 8:] += 1
+        assert not torch.allclose(base, unet(sample, 10, rays, z_mid).sample)
+
+
+def test_z_dropout_and_layer_masking_act_in_training_only():
+    unet = randomize_(SODAUNet2DModel(**dict(TINY_UNET, z_drop_prob=0.5, layer_mask_prob=0.5)))
+    z = torch.ones(4000, 12)
+    torch.manual_seed(0)
+    dropped = unet.drop_latents(z)
+    whole = (dropped == 0).all(dim=1).float().mean()
+    per_entry = (dropped == 0).float().mean()
+    # P(all dropped) = 0.5 + 0.5 * 0.5^3; P(entry dropped) = 0.5 + 0.5 * 0.5.
+    assert whole == pytest.approx(0.5625, abs=0.03)
+    assert per_entry == pytest.approx(0.75, abs=0.03)
+    # Chunks are dropped as wholes.
+    for chunk in dropped.split(unet.z_chunk_sizes, dim=1):
+        assert ((chunk == 0).all(1) | (chunk == 1).all(1)).all()
+    sample, rays, latent = tiny_inputs()
+    unet.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(unet(sample, 3, rays, latent).sample, unet(sample, 3, rays, latent).sample)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    sample, rays, z = tiny_inputs()
+    grads = []
+    for checkpointing in (False, True):
+        unet = randomize_(SODAUNet2DModel(**dict(TINY_UNET, z_drop_prob=0.0, layer_mask_prob=0.0)))
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet(sample, 7, rays, z).sample.square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in unet.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_encoder_fuses_several_views_and_needs_their_rays():
+    encoder = randomize_(SODAEncoder(**TINY_ENCODER)).eval()
+    views = torch.rand(2, 3, 3, 16, 16) * 2 - 1
+    rays = orbit_rays([0.0, 30.0, 60.0], size=16)[None].expand(2, -1, -1, -1, -1)
+    with torch.no_grad():
+        fused = encoder(views, rays)
+        singles = torch.stack([encoder(views[:, i], rays[:, i]) for i in range(3)]).mean(0)
+        assert fused.shape == (2, 12)
+        torch.testing.assert_close(fused, singles)
+        # One view without rays: the canonical rays of a camera at the origin are used.
+        torch.testing.assert_close(encoder(views[:, 0]), encoder(views[:, 0], rays[:, 0]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="source_rays"):
+        encoder(views)
+
+
+def test_gradients_reach_the_encoder_through_z():
+    encoder = randomize_(SODAEncoder(**TINY_ENCODER))
+    unet = randomize_(SODAUNet2DModel(**dict(TINY_UNET, z_drop_prob=0.0, layer_mask_prob=0.0)))
+    sample, rays, _ = tiny_inputs()
+    source = torch.rand(2, 3, 16, 16) * 2 - 1
+    unet(sample, 100, rays, encoder(source)).sample.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda u, s, r, z: u(s[:, :2], 1, r, z), "sample"),
+        (lambda u, s, r, z: u(s, 1, r[:, :5], z), "target_rays"),
+        (lambda u, s, r, z: u(s, 1, r[:1], z), "target_rays"),
+        (lambda u, s, r, z: u(s, 1, r, z[:, :5]), "z"),
+    ],
+)
+def test_unet_rejects_bad_shapes_naming_the_argument(call, match):
+    unet = SODAUNet2DModel(**TINY_UNET)
+    sample, rays, z = tiny_inputs()
+    with pytest.raises(ValueError, match=match):
+        call(unet, sample, rays, z)
+
+
+def test_encoder_rejects_bad_shapes_naming_the_argument():
+    encoder = SODAEncoder(**TINY_ENCODER)
+    with pytest.raises(ValueError, match="source_image.*3"):
+        encoder(torch.zeros(1, 4, 16, 16))
+    with pytest.raises(ValueError, match="16x16"):
+        encoder(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="sample_size"):
+        SODAUNet2DModel(sample_size=20, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)

@@ -1,0 +1,185 @@
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import make_tiny_pipeline
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+
+from soda_diffusers import SODANovelViewPipeline, orbit_rays
+
+SIZE = 16
+
+
+def source_tensor(seed=0):
+    return torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def run(pipe, source, rays, seed=0, **kwargs):
+    kwargs.setdefault("num_inference_steps", 4)
+    kwargs.setdefault("output_type", "pt")
+    return pipe(source, rays, generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def test_output_types(tiny_pipeline):
+    rays = orbit_rays([15.0, 30.0], size=SIZE)
+    pt = run(tiny_pipeline, source_tensor(), rays)
+    np_images = run(tiny_pipeline, source_tensor(), rays, output_type="np")
+    pil = run(tiny_pipeline, source_tensor(), rays, output_type="pil")
+    assert pt.shape == (2, 3, SIZE, SIZE) and 0 <= pt.min() and pt.max() <= 1
+    assert np_images.shape == (2, SIZE, SIZE, 3)
+    np.testing.assert_allclose(np_images, pt.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    assert len(pil) == 2 and isinstance(pil[0], PIL.Image.Image) and pil[0].size == (SIZE, SIZE)
+    images, = tiny_pipeline(source_tensor(), rays, num_inference_steps=2, output_type="np", return_dict=False)
+    assert images.shape == (2, SIZE, SIZE, 3)
+
+
+def test_same_generator_same_images_and_batch_equals_single_calls(tiny_pipeline):
+    rays = orbit_rays([15.0, 30.0], size=SIZE)
+    first = run(tiny_pipeline, source_tensor(), rays)
+    torch.testing.assert_close(first, run(tiny_pipeline, source_tensor(), rays))
+    generators = [torch.Generator().manual_seed(s) for s in (7, 8)]
+    batch = tiny_pipeline(source_tensor(), rays, num_inference_steps=4, generator=generators, output_type="pt").images
+    singles = [run(tiny_pipeline, source_tensor(), rays[i : i + 1], seed=s) for i, s in enumerate((7, 8))]
+    torch.testing.assert_close(batch, torch.cat(singles), atol=1e-4, rtol=0)
+
+
+def test_one_source_per_target_equals_separate_calls(tiny_pipeline):
+    rays = orbit_rays([15.0, 30.0], size=SIZE)
+    sources = torch.stack([source_tensor(1), source_tensor(2)])
+    generators = [torch.Generator().manual_seed(s) for s in (7, 8)]
+    paired = tiny_pipeline(sources, rays, num_inference_steps=3, generator=generators, output_type="pt").images
+    for i, seed in enumerate((7, 8)):
+        single = run(tiny_pipeline, sources[i], rays[i : i + 1], seed=seed, num_inference_steps=3)
+        torch.testing.assert_close(paired[i : i + 1], single, atol=1e-4, rtol=0)
+
+
+def test_guidance_scale_one_is_the_conditional_model(tiny_pipeline):
+    rays = orbit_rays([45.0], size=SIZE)
+    pipe = tiny_pipeline
+    calls = []
+    original_forward = pipe.unet.forward
+
+    def spy(sample, timestep, target_rays, z, return_dict=True):
+        calls.append(z.clone())
+        return original_forward(sample, timestep, target_rays, z, return_dict)
+
+    pipe.unet.forward = spy
+    guided_one = run(pipe, source_tensor(), rays, guidance_scale=1.0, num_inference_steps=2)
+    assert all(c.shape[0] == 1 and c.abs().sum() > 0 for c in calls)
+    calls.clear()
+    guided = run(pipe, source_tensor(), rays, guidance_scale=3.0, num_inference_steps=2)
+    # Guidance runs the conditional and the unconditional (z dropped) branch in one batch.
+    assert all(c.shape[0] == 2 and c[1].abs().sum() == 0 and c[0].abs().sum() > 0 for c in calls)
+    assert not torch.allclose(guided_one, guided)
+
+
+def test_guidance_combines_the_two_branches_linearly(tiny_pipeline):
+    rays = orbit_rays([45.0], size=SIZE)
+    pipe = tiny_pipeline
+    unet = pipe.unet
+    noise = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    z = pipe.encode(source_tensor())
+    with torch.no_grad():
+        conditional = unet(noise, 999, rays, z).sample
+        unconditional = unet(noise, 999, rays, torch.zeros_like(z)).sample
+    seen = {}
+    original_step = pipe.scheduler.step
+
+    def spy(model_output, timestep, sample, **kwargs):
+        seen.setdefault("output", model_output.clone())
+        return original_step(model_output, timestep, sample, **kwargs)
+
+    pipe.scheduler.step = spy
+    pipe(source_tensor(), rays, num_inference_steps=1, guidance_scale=2.5, latents=noise, output_type="pt")
+    torch.testing.assert_close(seen["output"], unconditional + 2.5 * (conditional - unconditional), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "scheduler_class",
+    [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler],
+    ids=lambda c: c.__name__,
+)
+def test_each_scheduler_runs(tiny_pipeline, scheduler_class):
+    tiny_pipeline.scheduler = scheduler_class.from_config(tiny_pipeline.scheduler.config)
+    images = run(tiny_pipeline, source_tensor(), orbit_rays([15.0], size=SIZE), num_inference_steps=3)
+    assert images.shape == (1, 3, SIZE, SIZE) and torch.isfinite(images).all()
+
+
+def test_save_pretrained_round_trip_reproduces_outputs(tiny_pipeline, tmp_path):
+    rays = orbit_rays([15.0, 60.0], size=SIZE)
+    expected = run(tiny_pipeline, source_tensor(), rays)
+    tiny_pipeline.save_pretrained(tmp_path)
+    loaded = SODANovelViewPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(run(loaded, source_tensor(), rays), expected, atol=0, rtol=0)
+
+
+def test_source_image_formats_are_equivalent(tiny_pipeline):
+    rays = orbit_rays([30.0], size=SIZE)
+    array = (np.random.default_rng(0).random((SIZE * 2, SIZE * 2, 3)) * 255).astype(np.uint8)
+    tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1
+    from_tensor = run(tiny_pipeline, tensor, rays)
+    # Any size is resized to the encoder's resolution; PIL, uint8 and float arrays agree.
+    torch.testing.assert_close(run(tiny_pipeline, array, rays), from_tensor, atol=1e-4, rtol=0)
+    torch.testing.assert_close(run(tiny_pipeline, array / 255.0, rays), from_tensor, atol=1e-4, rtol=0)
+    from_pil = run(tiny_pipeline, PIL.Image.fromarray(array).convert("RGBA"), rays)
+    assert from_pil.shape == from_tensor.shape and (from_pil - from_tensor).abs().mean() < 0.05
+
+
+def test_several_source_views_are_fused(tiny_pipeline):
+    views = [source_tensor(1), source_tensor(2)]
+    source_rays = orbit_rays([0.0, 90.0], size=SIZE)
+    z_two = tiny_pipeline.encode(views, source_rays=source_rays)
+    z_each = [tiny_pipeline.encode(v, source_rays=source_rays[i : i + 1]) for i, v in enumerate(views)]
+    torch.testing.assert_close(z_two, (z_each[0] + z_each[1]) / 2, atol=1e-4, rtol=0)
+    images = run(tiny_pipeline, views, orbit_rays([45.0], size=SIZE), source_rays=source_rays)
+    assert images.shape == (1, 3, SIZE, SIZE)
+
+
+@pytest.mark.parametrize(
+    "source, rays, match",
+    [
+        (torch.zeros(4, SIZE, SIZE), orbit_rays([1.0], size=SIZE), "source_image.*3"),
+        (np.zeros((SIZE, SIZE, 2)), orbit_rays([1.0], size=SIZE), "source_image"),
+        (torch.full((3, SIZE, SIZE), 5.0), orbit_rays([1.0], size=SIZE), r"\[-1, 1\]"),
+        ("image.png", orbit_rays([1.0], size=SIZE), "source_image"),
+        (torch.zeros(3, 3, SIZE, SIZE), orbit_rays([1.0, 2.0], size=SIZE), "one per target"),
+        (torch.zeros(3, SIZE, SIZE), orbit_rays([1.0], size=SIZE)[:, :5], "target_rays.*6"),
+        (torch.zeros(3, SIZE, SIZE), orbit_rays([1.0], size=32), "target_rays"),
+        (torch.zeros(3, SIZE, SIZE), orbit_rays([1.0], size=SIZE) * float("nan"), "target_rays.*NaN"),
+    ],
+)
+def test_bad_input_gets_a_value_error_naming_the_argument(tiny_pipeline, source, rays, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_pipeline(source, rays, num_inference_steps=1)
+
+
+def test_generator_list_must_match_targets(tiny_pipeline):
+    with pytest.raises(ValueError, match="generator"):
+        tiny_pipeline(source_tensor(), orbit_rays([1.0, 2.0], size=SIZE), generator=[torch.Generator()])
+
+
+def test_presets_build_and_unknown_presets_are_rejected():
+    pipe = SODANovelViewPipeline.from_preset("soda-tiny")
+    assert pipe.unet.config.sample_size == pipe.encoder.config.sample_size == 32
+    assert pipe.unet.config.latent_dim == pipe.encoder.config.latent_dim
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    for name in ("soda-nmr-32", "soda-nmr-64"):
+        config = SODANovelViewPipeline.from_preset(name).unet.config
+        assert config.layerwise_modulation and config.attention_resolutions
+    overridden = SODANovelViewPipeline.from_preset("soda-tiny", unet={"layers_per_block": 2})
+    assert overridden.unet.config.layers_per_block == 2
+    with pytest.raises(ValueError, match="soda-tiny"):
+        SODANovelViewPipeline.from_preset("soda-huge")
+
+
+def test_a_fresh_tiny_pipeline_matches_its_preset_defaults():
+    pipe = make_tiny_pipeline("v_prediction", "cosine")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
