@@ -61,7 +61,7 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
         in_channels, out_channels: image channels.
         block_out_channels: width of each level.
         layers_per_block: ResNet blocks per down level (up levels have one more).
-        attention_resolutions: resolutions (in pixels) that get a self-attention layer after each block.
+        attention_resolutions: resolutions (in positions, after patching) that get a self-attention layer after each block.
         attention_head_dim: channels per attention head.
         norm_num_groups: groups of the GroupNorms.
         dropout: dropout inside the ResNet blocks.
@@ -69,6 +69,9 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
         layerwise_modulation, layer_mask_prob, z_drop_prob: see above.
         ray_encoding, ray_sinusoidal_bands, ray_fourier_features, ray_fourier_scale: see
             :class:`~soda_diffusers.ray_encoding.RayEncoding`.
+        patch_size: the U-Net works on ``patch_size x patch_size`` pixel patches folded into channels
+            (pixel unshuffle), ``patch_size**2`` times fewer positions: the cheapest way to spend a CPU's
+            few FLOPs on depth and width rather than on full-resolution convolutions.
     """
 
     _supports_gradient_checkpointing = True
@@ -93,11 +96,15 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
         ray_sinusoidal_bands: int = 4,
         ray_fourier_features: int = 16,
         ray_fourier_scale: float = 1.0,
+        patch_size: int = 1,
     ):
         super().__init__()
         levels = len(block_out_channels)
-        if sample_size % 2 ** (levels - 1):
-            raise ValueError(f"sample_size: {sample_size} cannot be halved {levels - 1} times (block_out_channels)")
+        if sample_size % (patch_size * 2 ** (levels - 1)):
+            raise ValueError(
+                f"sample_size: {sample_size} cannot be split in {patch_size}-pixel patches and halved "
+                f"{levels - 1} times (block_out_channels)"
+            )
         self.z_chunk_sizes = [len(c) for c in torch.arange(latent_dim).tensor_split(levels + 1)]
         if layerwise_modulation and min(self.z_chunk_sizes) == 0:
             raise ValueError(f"latent_dim: {latent_dim} is too small to split into {levels + 1} chunks")
@@ -109,7 +116,8 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
         temb_channels = 4 * block_out_channels[0]
         self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(block_out_channels[0], temb_channels)
-        self.conv_in = nn.Conv2d(in_channels + self.ray_embedding.out_channels, block_out_channels[0], 3, padding=1)
+        input_channels = (in_channels + self.ray_embedding.out_channels) * patch_size**2
+        self.conv_in = nn.Conv2d(input_channels, block_out_channels[0], 3, padding=1)
 
         def resnet(cin: int, cout: int, level: int) -> AdaGNResnetBlock:
             return AdaGNResnetBlock(cin, cout, temb_channels, z_channels(level), norm_num_groups, dropout)
@@ -131,7 +139,7 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
 
         self.down_levels = nn.ModuleList()
         skip_channels = [block_out_channels[0]]
-        channels, resolution = block_out_channels[0], sample_size
+        channels, resolution = block_out_channels[0], sample_size // patch_size
         for level, width in enumerate(block_out_channels):
             blocks = []
             for _ in range(layers_per_block):
@@ -164,7 +172,7 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
             self.up_levels.append(_Level("up", level, blocks, up))
 
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
-        self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(channels, out_channels * patch_size**2, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -218,7 +226,8 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
             z = self.drop_latents(z)
         z_per_level = self.z_chunks(z.to(sample.dtype))
 
-        h = self.conv_in(torch.cat([sample, self.ray_embedding(target_rays.to(sample.dtype))], dim=1))
+        h = torch.cat([sample, self.ray_embedding(target_rays.to(sample.dtype))], dim=1)
+        h = self.conv_in(nn.functional.pixel_unshuffle(h, config.patch_size))
         skips = [h]
         for level in self.down_levels:
             h = level(h, temb, z_per_level[level.level], skips)
@@ -226,6 +235,7 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
         for level in self.up_levels:
             h = level(h, temb, z_per_level[level.level], skips)
         h = self.conv_out(nn.functional.silu(self.conv_norm_out(h)))
+        h = nn.functional.pixel_shuffle(h, config.patch_size)
         if not return_dict:
             return (h,)
         return UNet2DOutput(sample=h)

@@ -1,0 +1,86 @@
+"""Pictures of results: image grids (PNG) and orbits (GIF)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+
+def to_pil(images: torch.Tensor | np.ndarray | Sequence[PIL.Image.Image]) -> list[PIL.Image.Image]:
+    """``(N, 3, H, W)`` tensors in [-1, 1], ``(N, H, W, 3)`` arrays in [0, 1] or PIL images -> PIL images."""
+    if isinstance(images, torch.Tensor):
+        images = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    if isinstance(images, np.ndarray):
+        # Clip before rounding: values outside [0, 1] would wrap around in uint8.
+        return [PIL.Image.fromarray(np.round(np.clip(i, 0, 1) * 255).astype(np.uint8)) for i in images]
+    return list(images)
+
+
+def make_grid(images, columns: int = 8, scale: int = 1, padding: int = 1) -> PIL.Image.Image:
+    """Tile images row by row on a white background, each enlarged ``scale`` times (nearest)."""
+    tiles = [image.resize((image.width * scale, image.height * scale), PIL.Image.NEAREST) for image in to_pil(images)]
+    width, height = tiles[0].size
+    rows = -(-len(tiles) // columns)
+    columns = min(columns, len(tiles))
+    grid = PIL.Image.new("RGB", (columns * (width + padding) + padding, rows * (height + padding) + padding), "white")
+    for i, tile in enumerate(tiles):
+        row, column = divmod(i, columns)
+        grid.paste(tile, (padding + column * (width + padding), padding + row * (height + padding)))
+    return grid
+
+
+def save_gif(images, path: str | Path, scale: int = 4, duration_ms: int = 120) -> Path:
+    """An orbit as a looping GIF."""
+    frames = [image.resize((image.width * scale, image.height * scale), PIL.Image.NEAREST) for image in to_pil(images)]
+    path = Path(path)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=duration_ms, loop=0)
+    return path
+
+
+def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, title: str = "",
+                size: tuple[int, int] = (640, 400), log_y: bool = True) -> Path:
+    """Line plot of named ``(x, y)`` curves as a PNG, drawn with PIL alone (no plotting library)."""
+    from PIL import ImageDraw
+
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+    width, height = size
+    left, right, top, bottom = 70, 20, 30, 40
+    image = PIL.Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    transform = (lambda v: np.log10(max(v, 1e-12))) if log_y else (lambda v: v)
+    xs = [x for xs_, _ in curves.values() for x in xs_]
+    ys = [transform(y) for _, ys_ in curves.values() for y in ys_]
+    if not xs:
+        raise ValueError("plot_curves: nothing to plot")
+    x_min, x_max = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y_min, y_max = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+
+    def point(x, y):
+        px = left + (x - x_min) / (x_max - x_min) * (width - left - right)
+        py = top + (1 - (transform(y) - y_min) / (y_max - y_min)) * (height - top - bottom)
+        return px, py
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for fraction in (0.0, 0.5, 1.0):
+        y_value = y_min + fraction * (y_max - y_min)
+        label = f"{10**y_value:.3g}" if log_y else f"{y_value:.3g}"
+        py = top + (1 - fraction) * (height - top - bottom)
+        draw.text((5, py - 6), label, fill="black")
+        x_value = x_min + fraction * (x_max - x_min)
+        draw.text((left + fraction * (width - left - right) - 10, height - bottom + 8), f"{x_value:.0f}", fill="black")
+    draw.text((left, 8), title, fill="black")
+    for i, (name, (x_values, y_values)) in enumerate(curves.items()):
+        colour = colours[i % len(colours)]
+        points = [point(x, y) for x, y in zip(x_values, y_values)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for px, py in points if len(points) < 30 else []:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        draw.text((width - right - 150, top + 8 + 14 * i), name, fill=colour)
+    path = Path(path)
+    image.save(path)
+    return path

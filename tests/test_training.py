@@ -1,0 +1,145 @@
+"""The training script: exact resume after a kill, NaN handling, two processes, the quickstart."""
+
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from soda_diffusers import SODANovelViewPipeline
+from soda_diffusers.data import make_synthetic_nmr
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "training" / "train_soda.py"
+TINY_MODEL_FLAGS = [
+    "--encoder", json.dumps({"block_out_channels": [8, 16], "layers_per_block": 1, "latent_dim": 12,
+                             "norm_num_groups": 4, "ray_fourier_features": 4}),
+    "--unet", json.dumps({"block_out_channels": [8, 16], "layers_per_block": 1, "latent_dim": 12,
+                          "norm_num_groups": 4, "ray_fourier_features": 4, "patch_size": 2}),
+]
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "nmr"
+    make_synthetic_nmr(path, objects_per_category=3, seed=0, categories=["airplane", "car", "chair"])
+    return path
+
+
+def train_flags(data, output_dir, steps=6, **extra):
+    flags = ["--config", "synthetic-tiny", "--data", str(data), "--output_dir", str(output_dir),
+             "--max_train_steps", str(steps), "--train_batch_size", "4", "--checkpointing_steps", "2",
+             "--validation_steps", "3", "--validation_objects", "2", "--validation_inference_steps", "2",
+             "--lr_warmup_steps", "2", "--torch_threads", "1", "--report_to", "none", *TINY_MODEL_FLAGS]
+    for key, value in extra.items():
+        flags += [f"--{key}", str(value)]
+    return flags
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_soda_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def losses(output_dir):
+    return [json.loads(line)["loss"] for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_a_killed_run_resumes_exactly(synthetic, tmp_path):
+    train = load_script()
+    assert train.main(train_flags(synthetic, tmp_path / "straight")) == 0
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *train_flags(synthetic, interrupted)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not (interrupted / "checkpoint-2").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=240)[0]
+    assert process.returncode in (0, 130), output
+    if process.returncode == 130:
+        assert "SIGTERM: saved" in output
+        assert not (interrupted / "model_index.json").exists()
+
+    assert train.main(train_flags(synthetic, interrupted, resume_from_checkpoint="latest")) == 0
+    assert losses(interrupted) == losses(tmp_path / "straight")
+    for component in ("encoder", "unet"):
+        a = load_file(tmp_path / "straight" / component / "diffusion_pytorch_model.safetensors")
+        b = load_file(interrupted / component / "diffusion_pytorch_model.safetensors")
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)
+    # Only the last two checkpoints are kept, and no half-written one is left behind.
+    names = sorted(p.name for p in interrupted.iterdir() if "checkpoint" in p.name)
+    assert names == ["checkpoint-4", "checkpoint-6"]
+    pipe = SODANovelViewPipeline.from_pretrained(interrupted)
+    assert pipe.unet.config.patch_size == 2
+
+
+def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(synthetic, tmp_path, capsys):
+    train = load_script()
+    original = train.diffusion_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    train.diffusion_loss = poisoned
+    assert train.main(train_flags(synthetic, tmp_path)) == 3
+    message = capsys.readouterr().out
+    assert "at step 2" in message and "checkpoint-2" in message
+    assert (tmp_path / "checkpoint-2" / "step.json").is_file()
+    assert not (tmp_path / "model_index.json").exists()
+
+
+def test_bad_flags_and_missing_checkpoints_are_reported(synthetic, tmp_path):
+    train = load_script()
+    with pytest.raises(FileNotFoundError, match="no-such-config"):
+        train.parse_args(["--config", "no-such-config"])
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
+        train.main(train_flags(synthetic, tmp_path, resume_from_checkpoint=tmp_path / "nowhere"))
+
+
+def test_two_processes_stay_in_sync_and_only_rank_zero_writes(synthetic, tmp_path):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+               *train_flags(synthetic, tmp_path, steps=3)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["processes"] == 2
+    first, second = summary["parameter_checksums"]
+    assert first == pytest.approx(second, rel=1e-6)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_quickstart_writes_the_report_files(synthetic, tmp_path):
+    from soda_diffusers.cli import main
+
+    out = tmp_path / "quickstart"
+    extra = shlex.join(train_flags(synthetic, out / "train", steps=3)[4:])
+    code = main(["quickstart", "--out", str(out), "--steps", "3", "--data", str(synthetic), "--objects", "2",
+                 "--train-args", extra])
+    assert code == 0
+    result = json.loads((out / "quickstart.json").read_text())
+    assert set(result) >= {"model", "copy_source", "mean_image", "other_source", "objects", "train_steps", "train_seconds"}
+    assert result["objects"] == 2 and result["train_steps"] == 3
+    for key in ("model", "copy_source", "mean_image", "other_source"):
+        assert 0 < result[key]["psnr"] < 100 and -1 <= result[key]["ssim"] <= 1
+    assert (out / "loss.png").is_file() and (out / "report.md").is_file()
+    assert len(list((out / "samples").glob("*-orbit.gif"))) == 2
+    assert SODANovelViewPipeline.from_pretrained(out / "pipeline").unet.config.sample_size == 32

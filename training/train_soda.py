@@ -1,0 +1,533 @@
+#!/usr/bin/env python
+"""Train a SODA novel-view model (encoder + z-modulated U-Net) with Accelerate.
+
+    accelerate launch training/train_soda.py --config training/configs/synthetic-tiny.yaml [--key value ...]
+    python training/train_soda.py --config training/configs/nmr-32.yaml --data /data/NMR_Dataset.zip
+
+Flags override the YAML config, which overrides the defaults below. Without ``--data`` the
+built-in synthetic NMR-format dataset is generated on first use.
+
+Every training step is a pure function of (weights, optimizer state, step): the step's batch
+(objects, source and target views), timesteps, noise and z-dropout all come from RNGs seeded with
+``(seed, step, process)``. So a run resumed from ``checkpoint-<step>`` continues exactly where the
+interrupted run was, and the data position is simply the step number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from tqdm.auto import tqdm
+
+from soda_diffusers import SODAEncoder, SODANovelViewPipeline
+from soda_diffusers.data import NMRObjects, batch_rays, default_synthetic_dataset
+from soda_diffusers.visualize import make_grid
+
+logger = get_logger(__name__)
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+TRAIN_LOG = "train_log.jsonl"
+
+DEFAULTS = {
+    "data": None,
+    "synthetic_objects_per_category": 30,
+    "categories": None,
+    "preset": "soda-tiny",
+    "encoder": {},
+    "unet": {},
+    "prediction_type": None,
+    "output_dir": "outputs/soda",
+    "train_batch_size": 32,
+    "max_train_steps": 1000,
+    "max_train_minutes": None,
+    "learning_rate": 1e-3,
+    "encoder_learning_rate": None,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.99,
+    "adam_weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "lr_scheduler": "cosine",
+    "lr_warmup_steps": 100,
+    "snr_gamma": None,
+    "use_ema": True,
+    "ema_decay": 0.999,
+    "ema_power": 0.75,
+    "gradient_checkpointing": False,
+    "checkpointing_steps": 500,
+    "checkpoints_total_limit": 3,
+    "resume_from_checkpoint": None,
+    "validation_steps": 250,
+    "validation_objects": 8,
+    "validation_inference_steps": 25,
+    "mixed_precision": "no",
+    "seed": 0,
+    "report_to": "tensorboard",
+    "logging_dir": "logs",
+    "torch_threads": None,
+    "push_to_hub": False,
+    "hub_model_id": None,
+    "hub_private": False,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of flag values (a name from training/configs or a path)")
+    for key, default in DEFAULTS.items():
+        if isinstance(default, dict):
+            parser.add_argument(f"--{key}", type=json.loads, help=f"JSON object of {key} config overrides")
+        elif isinstance(default, bool):
+            parser.add_argument(f"--{key}", type=_parse_bool, nargs="?", const=True)
+        else:
+            kind = type(default) if default is not None else str
+            kind = float if key in ("max_train_minutes", "snr_gamma", "encoder_learning_rate") else kind
+            kind = int if key in ("torch_threads",) else kind
+            parser.add_argument(f"--{key}", type=kind)
+    args = parser.parse_args(argv)
+
+    values = dict(DEFAULTS)
+    if args.config:
+        config_path = Path(args.config)
+        if not config_path.is_file():
+            config_path = CONFIGS_DIR / f"{args.config.removesuffix('.yaml')}.yaml"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"--config: no file {args.config} (nor {config_path})")
+        from_file = yaml.safe_load(config_path.read_text()) or {}
+        unknown = set(from_file) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"--config {config_path}: unknown keys {sorted(unknown)}")
+        values.update(from_file)
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    values["config"] = args.config
+    return argparse.Namespace(**values)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class ViewPairSampler:
+    """Batches of (source view, target view) pairs of objects held in memory, drawn as a pure
+    function of ``(seed, step, process)``. The target is never the source."""
+
+    def __init__(self, arrays, batch_size: int, seed: int, process_index: int):
+        self.arrays = arrays
+        self.batch_size = batch_size
+        self.seed = seed
+        self.process_index = process_index
+        self.num_objects, self.num_views = arrays.images.shape[:2]
+        self.size = arrays.images.shape[-1]
+
+    def generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed(hash((self.seed, step, self.process_index)) % 2**63)
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        generator = self.generator(step)
+        objects = torch.randint(self.num_objects, (self.batch_size,), generator=generator)
+        return self.pairs(objects, generator)
+
+    def pairs(self, objects: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        sources = torch.randint(self.num_views, objects.shape, generator=generator)
+        # An offset in 1..V-1 makes the target any view but the source, uniformly.
+        targets = (sources + torch.randint(1, self.num_views, objects.shape, generator=generator)) % self.num_views
+        images = self.arrays.images
+        return {
+            "source_image": images[objects, sources].float() / 127.5 - 1,
+            "target_image": images[objects, targets].float() / 127.5 - 1,
+            "target_rays": batch_rays(
+                self.arrays.world_mats[objects, sources], self.arrays.unprojections[objects, targets], self.size
+            ),
+        }
+
+
+def load_arrays(args, split: str, image_size: int):
+    path = args.data or default_synthetic_dataset(objects_per_category=args.synthetic_objects_per_category, seed=0)
+    objects = NMRObjects(path, split=split, image_size=image_size, categories=args.categories)
+    return objects.all_images_uint8(), path
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
+    """Write ``checkpoint-<step>`` atomically (a temporary directory renamed at the end, so a
+    run killed while saving never leaves a half checkpoint behind), keeping the last ``total_limit``."""
+    final = output_dir / f"checkpoint-{step}"
+    partial = output_dir / f".partial-checkpoint-{step}"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()  # every process has written its part before the rename
+    if accelerator.is_main_process:
+        (partial / "step.json").write_text(json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        if total_limit:
+            for old in checkpoint_dirs(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    if not resume:
+        return None
+    if resume == "latest":
+        found = checkpoint_dirs(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "step.json").is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint: {path} is not a checkpoint directory (no step.json)")
+    return path
+
+
+class StopRequest:
+    """Turns Ctrl-C and SIGTERM into a flag, so the loop can save a checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.signal_name = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+
+def training_target(noise_scheduler, clean, noise, timesteps):
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(clean, noise, timesteps)
+    return clean
+
+
+def diffusion_loss(encoder, unet, noise_scheduler, batch, generator, snr_gamma=None):
+    """Denoising loss of one batch; timesteps and noise drawn from ``generator``."""
+    clean = batch["target_image"]
+    timesteps = torch.randint(
+        noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator
+    ).to(clean.device)
+    noise = torch.randn(clean.shape, generator=generator).to(clean.device, clean.dtype)
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    z = encoder(batch["source_image"])
+    prediction = unet(noisy, timesteps, batch["target_rays"], z).sample
+    target = training_target(noise_scheduler, clean, noise, timesteps)
+    loss = (prediction.float() - target.float()).square().mean(dim=(1, 2, 3))
+    if snr_gamma:
+        # Min-SNR-gamma weighting (Hang et al. 2023), in the form each prediction type needs.
+        snr = compute_snr(noise_scheduler, timesteps)
+        weight = torch.clamp(snr, max=snr_gamma)
+        if noise_scheduler.config.prediction_type == "epsilon":
+            weight = weight / snr
+        elif noise_scheduler.config.prediction_type == "v_prediction":
+            weight = weight / (snr + 1)
+        loss = loss * weight
+    return loss.mean()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    output_dir = Path(args.output_dir)
+    report_to = None if args.report_to in (None, "none") else args.report_to
+    if report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            report_to = None
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=report_to or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    if report_to is None and args.report_to == "tensorboard" and accelerator.is_main_process:
+        print("tensorboard is not installed: logging to train_log.jsonl only (pip install tensorboard)")
+    set_seed(args.seed)
+
+    pipe = SODANovelViewPipeline.from_preset(args.preset, encoder=args.encoder, unet=args.unet)
+    scheduler_config = dict(pipe.scheduler.config)
+    if args.prediction_type:
+        scheduler_config["prediction_type"] = args.prediction_type
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+    encoder, unet = pipe.encoder.train(), pipe.unet.train()
+    image_size = unet.config.sample_size
+    if args.gradient_checkpointing:
+        encoder.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing()
+
+    with accelerator.main_process_first():
+        train_arrays, data_path = load_arrays(args, "train", image_size)
+        val_arrays, _ = load_arrays(args, "val", image_size)
+    sampler = ViewPairSampler(train_arrays, args.train_batch_size, args.seed, accelerator.process_index)
+
+    decoder_lr = args.learning_rate
+    encoder_lr = args.encoder_learning_rate or decoder_lr
+    optimizer = torch.optim.AdamW(
+        [{"params": encoder.parameters(), "lr": encoder_lr}, {"params": unet.parameters(), "lr": decoder_lr}],
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    ema_models = {}
+    if args.use_ema:
+        for name, model in (("encoder", encoder), ("unet", unet)):
+            ema_models[name] = EMAModel(
+                model.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=args.ema_power,
+                model_cls=type(model), model_config=model.config,
+            )
+
+    def save_model_hook(models, weights, directory):
+        if accelerator.is_main_process:
+            for name, ema in ema_models.items():
+                ema.save_pretrained(os.path.join(directory, f"{name}_ema"))
+            for model in models:
+                name = "encoder" if isinstance(accelerator.unwrap_model(model), SODAEncoder) else "unet"
+                accelerator.unwrap_model(model).save_pretrained(os.path.join(directory, name))
+                weights.pop()
+
+    def load_model_hook(models, directory):
+        for name, ema in ema_models.items():
+            loaded = EMAModel.from_pretrained(os.path.join(directory, f"{name}_ema"), type(getattr(pipe, name)))
+            ema.load_state_dict(loaded.state_dict())
+            ema.to(accelerator.device)
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            model_class = type(model)
+            name = "encoder" if model_class is SODAEncoder else "unet"
+            loaded = model_class.from_pretrained(directory, subfolder=name)
+            model.load_state_dict(loaded.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    encoder, unet, optimizer, lr_scheduler = accelerator.prepare(encoder, unet, optimizer, lr_scheduler)
+    for ema in ema_models.values():
+        ema.to(accelerator.device)
+
+    first_step = 0
+    resume_path = resolve_resume(output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint and resume_path is None:
+        accelerator.print(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}, starting from scratch")
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        first_step = json.loads((resume_path / "step.json").read_text())["step"]
+        accelerator.print(f"resumed from {resume_path} at step {first_step}")
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "train_config.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        accelerator.init_trackers("soda", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    log_path = output_dir / TRAIN_LOG
+    if accelerator.is_main_process and first_step == 0 and log_path.exists():
+        log_path.unlink()
+    elif accelerator.is_main_process and log_path.exists():
+        # Drop log lines past the checkpoint we resume from: they will be written again.
+        lines = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= first_step]
+        log_path.write_text("".join(line + "\n" for line in lines))
+
+    val_generator = torch.Generator().manual_seed(12345)
+    val_sampler = ViewPairSampler(val_arrays, min(args.train_batch_size, 64), args.seed + 1, 0)
+    val_batch = val_sampler.pairs(torch.arange(val_sampler.num_objects).repeat(4)[:64], val_generator)
+
+    stop = StopRequest()
+    progress = tqdm(
+        range(first_step, args.max_train_steps), initial=first_step, total=args.max_train_steps,
+        desc="training", disable=not accelerator.is_local_main_process,
+    )
+    deadline = time.monotonic() + 60 * args.max_train_minutes if args.max_train_minutes else None
+    step = first_step
+    start_time = time.monotonic()
+    train_seconds = 0.0
+    exit_code = 0
+    for step in progress:
+        step_start = time.monotonic()
+        generator = sampler.generator(step)
+        # z-dropout and layer masking inside the U-Net draw from the global RNG: seed it per step too.
+        torch.manual_seed(hash((args.seed, step, accelerator.process_index, 1)) % 2**63)
+        batch = {k: v.to(accelerator.device) for k, v in sampler.batch(step).items()}
+        encoder.train()
+        unet.train()
+        with accelerator.autocast():
+            loss = diffusion_loss(encoder, unet, noise_scheduler, batch, generator, args.snr_gamma)
+        finite = accelerator.gather(torch.isfinite(loss.detach()).float()[None]).min() > 0
+        if not finite:
+            last = checkpoint_dirs(output_dir)
+            accelerator.print(
+                f"error: the loss became {loss.item()} at step {step}; stopping without saving. "
+                f"Last good checkpoint: {last[-1] if last else 'none'}. Try a lower --learning_rate or "
+                "--mixed_precision no."
+            )
+            exit_code = 3
+            break
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm:
+            accelerator.clip_grad_norm_([*encoder.parameters(), *unet.parameters()], args.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        for name, model in (("encoder", encoder), ("unet", unet)):
+            if name in ema_models:
+                ema_models[name].step(model.parameters())
+
+        completed = step + 1
+        train_seconds += time.monotonic() - step_start
+        loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+        logs = {
+            "loss": loss_value,
+            "lr": lr_scheduler.get_last_lr()[-1],
+            "samples_per_s": args.train_batch_size * accelerator.num_processes / (time.monotonic() - step_start),
+        }
+        if completed % args.validation_steps == 0 or completed == args.max_train_steps:
+            logs["val_loss"] = validation_loss(encoder, unet, noise_scheduler, val_batch, accelerator)
+            if accelerator.is_main_process:
+                write_samples(accelerator, pipe, ema_models, encoder, unet, val_arrays, args, completed, output_dir)
+        progress.set_postfix(loss=f"{loss_value:.4f}")
+        accelerator.log(logs, step=completed)
+        if accelerator.is_main_process:
+            with log_path.open("a") as log:
+                log.write(json.dumps({"step": completed, "elapsed_s": round(time.monotonic() - start_time, 3), **logs}) + "\n")
+
+        out_of_time = deadline is not None and time.monotonic() >= deadline
+        if completed % args.checkpointing_steps == 0 or stop.signal_name or out_of_time:
+            saved = save_checkpoint(accelerator, output_dir, completed, args.checkpoints_total_limit)
+            if stop.signal_name:
+                accelerator.print(f"\n{stop.signal_name}: saved {saved}; resume with --resume_from_checkpoint latest")
+                exit_code = 130
+                break
+        if out_of_time:
+            accelerator.print(f"\nreached --max_train_minutes {args.max_train_minutes} at step {completed}")
+            step = completed
+            break
+        step = completed
+
+    progress.close()
+    accelerator.wait_for_everyone()
+    # DDP keeps replicas identical; a checksum per process shows it (a test checks it).
+    checksum = sum(p.double().sum() for p in [*encoder.parameters(), *unet.parameters()])
+    checksums = accelerator.gather(checksum.float()[None].to(accelerator.device)).tolist()
+    if exit_code == 0 and accelerator.is_main_process:
+        final = export_pipeline(accelerator, pipe, ema_models, encoder, unet)
+        final.save_pretrained(output_dir)
+        summary = {"train_steps": step, "train_seconds": round(train_seconds, 1), "data": str(data_path),
+                   "preset": args.preset, "batch_size": args.train_batch_size, "processes": accelerator.num_processes,
+                   "parameter_checksums": checksums}
+        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        accelerator.print(f"saved the {'EMA ' if ema_models else ''}pipeline to {output_dir}")
+        if args.push_to_hub:
+            push_pipeline(final, output_dir, args)
+    accelerator.end_training()
+    return exit_code
+
+
+def measure_step_seconds(args, steps: int = 3) -> float:
+    """Seconds per training step of this config on this machine (random data, weights discarded):
+    lets a time budget become a step count that the LR schedule can plan for."""
+    pipe = SODANovelViewPipeline.from_preset(args.preset, encoder=args.encoder, unet=args.unet)
+    encoder, unet = pipe.encoder.train(), pipe.unet.train()
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    size = unet.config.sample_size
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "source_image": torch.rand(args.train_batch_size, 3, size, size, generator=generator) * 2 - 1,
+        "target_image": torch.rand(args.train_batch_size, 3, size, size, generator=generator) * 2 - 1,
+        "target_rays": batch_rays(torch.eye(4).expand(args.train_batch_size, 4, 4),
+                                  torch.eye(4).expand(args.train_batch_size, 4, 4), size),
+    }
+    optimizer = torch.optim.AdamW([*encoder.parameters(), *unet.parameters()])
+    timings = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        diffusion_loss(encoder, unet, noise_scheduler, batch, generator).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        timings.append(time.perf_counter() - start)
+    return sorted(timings[1:])[len(timings[1:]) // 2]
+
+
+@torch.no_grad()
+def validation_loss(encoder, unet, noise_scheduler, batch, accelerator) -> float:
+    """Loss on held-out objects with fixed timesteps and noise, so successive values compare."""
+    encoder.eval()
+    unet.eval()
+    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    with accelerator.autocast():
+        loss = diffusion_loss(encoder, unet, noise_scheduler, batch, torch.Generator().manual_seed(0))
+    encoder.train()
+    unet.train()
+    return accelerator.gather(loss[None]).mean().item()
+
+
+def export_pipeline(accelerator, pipe, ema_models, encoder, unet) -> SODANovelViewPipeline:
+    """A standalone inference pipeline holding the EMA weights (or the raw ones without EMA)."""
+    components = {}
+    for name, model in (("encoder", encoder), ("unet", unet)):
+        model = accelerator.unwrap_model(model)
+        copy = type(model).from_config(model.config)
+        copy.load_state_dict(model.state_dict())
+        if name in ema_models:
+            ema_models[name].copy_to(copy.parameters())
+        components[name] = copy.eval().cpu()
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return SODANovelViewPipeline(scheduler=scheduler, **components)
+
+
+def write_samples(accelerator, pipe, ema_models, encoder, unet, val_arrays, args, step, output_dir):
+    """Source / target / generated views of a few held-out objects, as a PNG and in TensorBoard."""
+    preview = export_pipeline(accelerator, pipe, ema_models, encoder, unet).to(accelerator.device)
+    preview.set_progress_bar_config(disable=True)
+    count = min(args.validation_objects, val_arrays.images.shape[0])
+    sampler = ViewPairSampler(val_arrays, count, args.seed + 2, 0)
+    batch = sampler.pairs(torch.arange(count), torch.Generator().manual_seed(7))
+    generated = preview(
+        batch["source_image"], batch["target_rays"], num_inference_steps=args.validation_inference_steps,
+        generator=[torch.Generator().manual_seed(i) for i in range(count)], output_type="pt",
+    ).images.cpu() * 2 - 1
+    grid = make_grid(torch.cat([batch["source_image"], batch["target_image"], generated]), columns=count, scale=2)
+    samples_dir = output_dir / "samples"
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    grid.save(samples_dir / f"step-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            tracker.writer.add_image("samples (source / target / generated)", np.asarray(grid), step, dataformats="HWC")
+
+
+def push_pipeline(pipe, output_dir: Path, args) -> None:
+    if not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (user/repo)")
+    pipe.push_to_hub(args.hub_model_id, private=args.hub_private)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
