@@ -11,7 +11,7 @@ from diffusers import (
 )
 
 from soda_diffusers.cameras import orbit_rays
-from soda_diffusers.schedules import SCHEDULES, scheduler_config, schedule_name
+from soda_diffusers.schedules import SCHEDULES, schedule_name, scheduler_config
 
 SCHEDULERS = [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler]
 

@@ -1,0 +1,306 @@
+"""NMR data as Arrow tables with Hugging Face ``datasets``: convert once, then read memory-mapped.
+
+The converted directory is a :class:`datasets.DatasetDict` saved with ``save_to_disk``, one
+``Dataset`` per split (``train``, ``val``, ``test``), one row per object:
+
+* ``object_id`` (``"<synset>/<object>"``), ``category`` (synset id), ``category_name``, ``split``;
+* ``label``: a ``ClassLabel`` over the converted categories' synset ids (sorted);
+* ``images``: ``Array4D((24, S, S, 3), "uint8")``, the 24 views;
+* ``masks``: ``Array3D((24, S, S), "uint8")`` (unless converted with ``with_masks=False``);
+* ``world_mat``, ``world_mat_inv``, ``camera_mat``, ``camera_mat_inv``: ``Array3D((24, 4, 4), "float64")``.
+
+Load it with ``datasets.load_from_disk(path)`` or pass the directory to the loaders of
+:mod:`soda_diffusers.data.nmr`, which give the very same items as from the original files at the
+converted size ``S`` (smaller sizes are area-downsampled from the stored ``S`` px, so they can differ
+from a downsampling of the original 64 px by one rounding step).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from soda_diffusers.cameras import CAMERA_KEYS, NMR_NUM_VIEWS
+from soda_diffusers.data.atomic import atomic_output
+from soda_diffusers.data.errors import NMRFormatError
+from soda_diffusers.data.layout import SPLITS, check_split, resolve_categories
+from soda_diffusers.data.storage import NMRStorage, open_storage
+
+# ``datasets`` is imported inside the functions that use it: reading folders and zips does not need it.
+REQUIRED_COLUMNS = ("object_id", "category", "category_name", "images", *CAMERA_KEYS)
+
+
+def is_arrow_dataset(path: str | os.PathLike) -> bool:
+    return (Path(path) / "dataset_dict.json").is_file()
+
+
+def nmr_features(image_size: int, categories: Sequence[str], with_masks: bool = True):
+    import datasets
+
+    views = NMR_NUM_VIEWS
+    features = {
+        "object_id": datasets.Value("string"),
+        "category": datasets.Value("string"),
+        "category_name": datasets.Value("string"),
+        "label": datasets.ClassLabel(names=list(categories)),
+        "split": datasets.Value("string"),
+        "images": datasets.Array4D((views, image_size, image_size, 3), "uint8"),
+    }
+    if with_masks:
+        features["masks"] = datasets.Array3D((views, image_size, image_size), "uint8")
+    for key in CAMERA_KEYS:
+        features[key] = datasets.Array3D((views, 4, 4), "float64")
+    return datasets.Features(features)
+
+
+def _rows(
+    storage: NMRStorage,
+    split: str,
+    categories: list[str],
+    names: dict[str, str],
+    image_size: int,
+    with_masks: bool,
+):
+    from soda_diffusers.data.nmr import area_downsample_uint8
+
+    views = range(NMR_NUM_VIEWS)
+    for label, synset in enumerate(categories):
+        for object_id in storage.object_ids(synset, split):
+            cameras = storage.read_cameras(synset, object_id)
+            row = {
+                "object_id": f"{synset}/{object_id}",
+                "category": synset,
+                "category_name": names[synset],
+                "label": label,
+                "split": split,
+                "images": area_downsample_uint8(storage.read_images(synset, object_id, views), image_size),
+            }
+            if with_masks:
+                row["masks"] = area_downsample_uint8(
+                    storage.read_masks(synset, object_id, views), image_size, channels_last=False
+                )
+            for key in CAMERA_KEYS:
+                row[key] = np.stack([cameras[f"{key}_{view}"] for view in views])
+            yield row
+
+
+def convert_to_arrow(
+    src,
+    out: str | os.PathLike,
+    image_size: int = 64,
+    *,
+    categories: Iterable[str] | str | None = None,
+    splits: Sequence[str] = SPLITS,
+    with_masks: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Convert NMR-format data (a folder, ``NMR_Dataset.zip``, the synthetic data, or another Arrow
+    directory) into an Arrow ``DatasetDict`` directory at ``out`` (see the module docstring).
+
+    Written to a temporary sibling directory and renamed at the end: a failure part-way leaves an
+    existing ``out`` as it was. An existing ``out`` is an error unless ``overwrite``.
+    """
+    import datasets
+
+    from soda_diffusers.data.nmr import check_image_size
+
+    storage = open_storage(src)
+    out = Path(out)
+    image_size = check_image_size(image_size, storage.image_size, storage.description)
+    available = storage.categories()
+    categories = resolve_categories(categories, available, storage.description)
+    splits = [check_split(split) for split in splits]
+    features = nmr_features(image_size, categories, with_masks)
+    with atomic_output(out, overwrite=overwrite) as partial:
+        cache_dir = partial / "cache"
+        converted = {}
+        for split in splits:
+            kwargs = {
+                "storage": storage,
+                "split": split,
+                "categories": categories,
+                "names": available,
+                "image_size": image_size,
+                "with_masks": with_masks,
+            }
+            if not any(storage.object_ids(synset, split) for synset in categories):
+                converted[split] = datasets.Dataset.from_dict(
+                    {name: [] for name in features}, features=features
+                )
+                continue
+            try:
+                converted[split] = datasets.Dataset.from_generator(
+                    _rows,
+                    features=features,
+                    gen_kwargs=kwargs,
+                    cache_dir=str(cache_dir),
+                    keep_in_memory=False,
+                )
+            except datasets.exceptions.DatasetGenerationError as error:
+                # datasets wraps whatever the generator raised: report our clear error, not its wrapper.
+                cause = error.__cause__ or error.__context__
+                if isinstance(cause, (ValueError, FileNotFoundError)):
+                    raise cause from None
+                raise
+        datasets.DatasetDict(converted).save_to_disk(str(partial / "dataset"))
+        # save_to_disk copied the tables: the generator's cache can go, and the dataset moves up.
+        converted.clear()
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        for entry in (partial / "dataset").iterdir():
+            entry.rename(partial / entry.name)
+        (partial / "dataset").rmdir()
+    return out
+
+
+class ArrowStorage(NMRStorage):
+    """An Arrow directory written by :func:`convert_to_arrow`, memory-mapped."""
+
+    def __init__(self, path: str | os.PathLike):
+        import datasets
+
+        self.path = Path(path)
+        self.description = str(self.path)
+        try:
+            dataset_dict = datasets.load_from_disk(str(self.path))
+        except (FileNotFoundError, ValueError, OSError) as error:
+            raise NMRFormatError(f"{self.path}: cannot load this Arrow dataset directory ({error})") from None
+        if not isinstance(dataset_dict, datasets.DatasetDict):
+            raise NMRFormatError(
+                f"{self.path}: expected a DatasetDict of splits written by convert_to_arrow, got a single Dataset"
+            )
+        self.splits = {}
+        self._columns = {}
+        self._rows = {}
+        self._object_ids = {}
+        self._categories = {}
+        self.image_size = None
+        for split, dataset in dataset_dict.items():
+            missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+            if missing:
+                raise NMRFormatError(
+                    f"{self.path}: split {split!r} lacks the columns {missing} (expected {list(REQUIRED_COLUMNS)})"
+                )
+            shape = dataset.features["images"].shape
+            if len(shape) != 4 or shape[0] != NMR_NUM_VIEWS or shape[1] != shape[2] or shape[3] != 3:
+                raise NMRFormatError(
+                    f"{self.path}: split {split!r}: 'images' should be (24, S, S, 3), got {shape}"
+                )
+            if self.image_size not in (None, shape[1]):
+                raise NMRFormatError(
+                    f"{self.path}: splits hold images of different sizes ({self.image_size} and {shape[1]})"
+                )
+            self.image_size = shape[1]
+            self.splits[split] = dataset
+            categories = dataset["category"]
+            names = dataset["category_name"]
+            object_ids = dataset["object_id"]
+            per_category = {}
+            for row, (synset, name, object_id) in enumerate(zip(categories, names, object_ids)):
+                self._categories.setdefault(synset, name)
+                short = object_id.split("/", 1)[-1]
+                per_category.setdefault(synset, []).append(short)
+                self._rows.setdefault((synset, short), (split, row))
+            self._object_ids[split] = per_category
+        if not self._categories:
+            raise NMRFormatError(f"{self.path}: the Arrow dataset holds no objects")
+
+    def categories(self) -> dict[str, str]:
+        return dict(sorted(self._categories.items()))
+
+    def object_ids(self, category: str, split: str) -> list[str]:
+        check_split(split)
+        if split not in self._object_ids:
+            raise NMRFormatError(f"{self.path}: no split {split!r} (found {sorted(self._object_ids)})")
+        return list(self._object_ids[split].get(category, []))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        # The column views point into this process's memory maps; the Datasets themselves pickle
+        # by file name and are mapped again on the other side.
+        state["_columns"] = {}
+        return state
+
+    def _column(self, split: str, name: str) -> _ColumnView:
+        key = (split, name)
+        if key not in self._columns:
+            dataset = self.splits[split]
+            if name not in dataset.column_names:
+                raise NMRFormatError(
+                    f"{self.path}: split {split!r} has no column {name!r} (converted with with_masks=False?)"
+                )
+            self._columns[key] = _ColumnView(dataset, name)
+        return self._columns[key]
+
+    def _locate(self, category: str, object_id: str) -> tuple[str, int]:
+        try:
+            return self._rows[(category, object_id)]
+        except KeyError:
+            raise FileNotFoundError(f"{self.path}: no object {category}/{object_id}") from None
+
+    def read_images(self, category: str, object_id: str, views: Sequence[int]) -> np.ndarray:
+        split, row = self._locate(category, object_id)
+        return self._column(split, "images").row(row)[list(views)]
+
+    def read_masks(self, category: str, object_id: str, views: Sequence[int]) -> np.ndarray:
+        split, row = self._locate(category, object_id)
+        return self._column(split, "masks").row(row)[list(views)]
+
+    def read_cameras(
+        self, category: str, object_id: str, views: Sequence[int] | None = None
+    ) -> dict[str, np.ndarray]:
+        views = range(NMR_NUM_VIEWS) if views is None else views
+        split, row = self._locate(category, object_id)
+        matrices = {key: self._column(split, key).row(row) for key in CAMERA_KEYS}
+        return {
+            f"{key}_{view}": matrices[key][view].astype(np.float64) for view in views for key in CAMERA_KEYS
+        }
+
+
+class _ColumnView:
+    """A fixed-shape array column of a memory-mapped Dataset as numpy views, one per Arrow chunk,
+    without copying: reading a row is an index into the memory map. (Going through
+    ``Dataset.__getitem__`` and its formatters costs milliseconds per row, more than decoding PNGs.)"""
+
+    def __init__(self, dataset, name: str):
+        if dataset._indices is not None:
+            dataset = dataset.flatten_indices()
+        feature = dataset.features[name]
+        shape = tuple(feature.shape)
+        self.chunks = []
+        starts = [0]
+        for chunk in dataset.data.column(name).chunks:
+            # Array<N>D columns are stored as N nested lists: flattening them leaves the values.
+            values = getattr(chunk, "storage", chunk)
+            for _ in shape:
+                values = values.flatten()
+            self.chunks.append(values.to_numpy(zero_copy_only=True).reshape(len(chunk), *shape))
+            starts.append(starts[-1] + len(chunk))
+        self.starts = np.asarray(starts)
+
+    def row(self, row: int) -> np.ndarray:
+        chunk = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return self.chunks[chunk][row - self.starts[chunk]]
+
+
+def push_dataset_to_hub(
+    arrow_dir: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None
+):
+    """Upload an Arrow directory written by :func:`convert_to_arrow` to the Hugging Face Hub with
+    ``DatasetDict.push_to_hub``. Needs a token: ``token=``, ``HF_TOKEN`` or ``huggingface-cli login``."""
+    import datasets
+    import huggingface_hub
+
+    if token is None and huggingface_hub.get_token() is None:
+        raise ValueError(
+            f"push_dataset_to_hub({repo_id!r}): no Hugging Face token found; pass token=..., set HF_TOKEN "
+            "or run `huggingface-cli login`"
+        )
+    if not is_arrow_dataset(arrow_dir):
+        raise NMRFormatError(
+            f"{arrow_dir}: not an Arrow directory written by convert_to_arrow (no dataset_dict.json)"
+        )
+    return datasets.load_from_disk(str(arrow_dir)).push_to_hub(repo_id, private=private, token=token)

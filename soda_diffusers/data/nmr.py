@@ -1,0 +1,359 @@
+"""PyTorch datasets over NMR-format data (a folder, ``NMR_Dataset.zip`` or an Arrow directory).
+
+* :class:`NMRDataset`: (source view(s), target view) pairs for training, drawn deterministically.
+* :class:`NMRObjects`: whole objects (24 views and cameras) for evaluation, and
+  :meth:`NMRObjects.all_images_uint8` to hold a small dataset in memory as a few tensors.
+
+Images are resized from the stored 64 px by area averaging (the mean of each block of pixels, the
+same as ``F.interpolate(mode="area")`` for sizes dividing 64), rounded back to uint8 so that every
+storage, and the in-memory fast path, give the very same values; they come out as float tensors in
+[-1, 1]. Rays are those of :func:`soda_diffusers.cameras.nmr_rays`, in the frame of the (first)
+source camera.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from soda_diffusers.cameras import NMR_NUM_VIEWS, nmr_rays
+from soda_diffusers.data.errors import NMRFormatError
+from soda_diffusers.data.layout import category_aliases, check_split, read_view_list, resolve_categories
+from soda_diffusers.data.storage import NMRStorage, open_storage
+
+
+def area_downsample_uint8(images: np.ndarray, size: int, channels_last: bool = True) -> np.ndarray:
+    """Resize uint8 images ``(..., S, S, C)`` (or ``(..., S, S)`` with ``channels_last=False``) to
+    ``size`` by averaging square blocks of ``S / size`` pixels, rounding half up. ``size`` must divide ``S``."""
+    if not channels_last:
+        return area_downsample_uint8(images[..., None], size)[..., 0]
+    factor = images.shape[-2] // size
+    if factor == 1:
+        return images
+    # Adding the strided sub-grids is several times faster than a reduction over reshaped blocks.
+    total = np.zeros((*images.shape[:-3], size, size, images.shape[-1]), dtype=np.uint32)
+    for i in range(factor):
+        for j in range(factor):
+            total += images[..., i::factor, j::factor, :]
+    count = factor * factor
+    return ((total + count // 2) // count).astype(np.uint8)
+
+
+def check_image_size(image_size: int, stored: int, where: str) -> int:
+    image_size = int(image_size)
+    if image_size <= 0 or image_size > stored or stored % image_size:
+        divisors = [s for s in range(1, stored + 1) if stored % s == 0 and s >= 4]
+        raise ValueError(
+            f"image_size: {where} stores {stored} px images; expected a size dividing {stored} ({divisors}), got {image_size}"
+        )
+    return image_size
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(..., H, W, 3)`` -> float32 ``(..., 3, H, W)`` in [-1, 1]."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, -3)
+    return tensor.float() / 127.5 - 1.0
+
+
+class _RayCache:
+    """Rays of single views, keyed by the camera matrices they are computed from.
+
+    The NMR rig has 24 cameras, so a dataset needs at most 24 x 24 (source, view) rays per size
+    whatever its number of objects; computing them costs more than reading an item from Arrow.
+    Entries are :func:`~soda_diffusers.cameras.nmr_rays` results, so cached or not, items are identical.
+    """
+
+    def __init__(self, max_entries: int = 1024):
+        self.max_entries = max_entries
+        self._rays = {}
+
+    def __call__(self, cameras: dict, source_view: int, views: Sequence[int], size: int) -> torch.Tensor:
+        source = cameras[f"world_mat_{source_view}"].tobytes()
+        rays = []
+        for view in views:
+            key = (
+                size,
+                source,
+                cameras[f"world_mat_inv_{view}"].tobytes(),
+                cameras[f"camera_mat_inv_{view}"].tobytes(),
+            )
+            if key not in self._rays:
+                if len(self._rays) >= self.max_entries:
+                    self._rays.pop(next(iter(self._rays)))
+                self._rays[key] = nmr_rays(cameras, source_view, [view], size)[0]
+            rays.append(self._rays[key])
+        return torch.stack(rays)
+
+
+class _NMRObjectIndex:
+    """The objects of some categories' split of a storage, in a fixed order: categories sorted by
+    synset id, objects in the order of their split file."""
+
+    def __init__(self, path, split: str, categories, image_size: int):
+        self.storage: NMRStorage = open_storage(path)
+        self.split = check_split(split)
+        available = self.storage.categories()
+        self.categories = resolve_categories(categories, available, self.storage.description)
+        self.category_names = [
+            (category_aliases(available[synset]) or [synset])[0] for synset in self.categories
+        ]
+        self.image_size = check_image_size(image_size, self.storage.image_size, self.storage.description)
+        self._objects = []
+        self._labels = []
+        for label, synset in enumerate(self.categories):
+            for object_id in self.storage.object_ids(synset, self.split):
+                self._objects.append((synset, object_id))
+                self._labels.append(label)
+        if not self._objects:
+            names = ", ".join(f"{s} ({n})" for s, n in zip(self.categories, self.category_names))
+            raise NMRFormatError(
+                f"{self.storage.description}: split {self.split!r} has no objects in categories {names}"
+            )
+
+    @property
+    def object_ids(self) -> list[str]:
+        """``"<synset>/<object>"`` of every object, in dataset order."""
+        return [f"{synset}/{object_id}" for synset, object_id in self._objects]
+
+    @property
+    def labels(self) -> list[int]:
+        return list(self._labels)
+
+    @property
+    def num_objects(self) -> int:
+        return len(self._objects)
+
+    def _source_views_from_list(self, view_list) -> list[int] | None:
+        if view_list is None:
+            return None
+        views = read_view_list(view_list)
+        missing = [name for name in self.object_ids if name not in views]
+        if missing:
+            raise NMRFormatError(
+                f"view list {os.fspath(view_list)!r}: no source view for {len(missing)} of the {self.num_objects} "
+                f"objects of split {self.split!r}, e.g. {missing[0]!r}"
+            )
+        return [views[name] for name in self.object_ids]
+
+    def _images(self, index: int, views: Sequence[int]) -> np.ndarray:
+        synset, object_id = self._objects[index]
+        images = self.storage.read_images(synset, object_id, views)
+        return area_downsample_uint8(images, self.image_size)
+
+
+class NMRDataset(_NMRObjectIndex, torch.utils.data.Dataset):
+    """(source view(s), target view) pairs of NMR objects, for training SODA.
+
+    Args:
+        path: an NMR folder, ``NMR_Dataset.zip`` (read in place), or an Arrow directory written by
+            :func:`~soda_diffusers.data.convert_to_arrow`.
+        split: ``"train"``, ``"val"`` or ``"test"`` (the SoftRas split files).
+        image_size: output resolution; a size dividing the stored 64 px (area downsampling).
+        categories: synset ids or names (``["airplane", "02958343"]``); all categories by default.
+        num_source_views: ``k`` source views per item.
+        exclude_source_from_targets: never draw a source view as the target.
+        view_list: a pixelNeRF view list (``category object view`` lines, e.g. ``src_dvr.txt``)
+            fixing each object's first source view.
+        seed: seed of the view draws, with the epoch (:meth:`set_epoch`) and the item index.
+
+    ``len(dataset) = num_objects * 24``. Item ``idx`` is object ``idx // 24`` with first source view
+    ``idx % 24`` (or the view list's view); the other sources and the target are drawn by
+    ``np.random.default_rng([seed, epoch, idx])``, so an item depends on nothing but
+    ``(seed, epoch, idx)``: training resumes exactly, in any worker.
+
+    Items are dicts:
+
+    * ``source_image``: ``(3, H, W)`` float in [-1, 1], ``(k, 3, H, W)`` when ``k > 1``;
+    * ``source_rays``: ``(6, H, W)`` or ``(k, 6, H, W)``, the source views' rays;
+    * ``target_image``: ``(3, H, W)``; ``target_rays``: ``(6, H, W)``;
+    * ``source_view`` (the first source's view), ``target_view``, ``label``: ints;
+    * ``object_id``: ``"<synset>/<object>"``.
+
+    Rays ``[origin, direction]`` are expressed in the frame of the first source camera.
+    ``label`` indexes :attr:`categories` (sorted synset ids; names in :attr:`category_names`).
+    """
+
+    def __init__(
+        self,
+        path,
+        split: str = "train",
+        image_size: int = 32,
+        categories: Iterable[str] | str | None = None,
+        num_source_views: int = 1,
+        exclude_source_from_targets: bool = True,
+        view_list: str | os.PathLike | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(path, split, categories, image_size)
+        available = NMR_NUM_VIEWS - 1 if exclude_source_from_targets else NMR_NUM_VIEWS
+        if not 1 <= int(num_source_views) <= available:
+            raise ValueError(f"num_source_views: expected 1..{available}, got {num_source_views}")
+        self.num_source_views = int(num_source_views)
+        self.exclude_source_from_targets = bool(exclude_source_from_targets)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.fixed_source_views = self._source_views_from_list(view_list)
+        self._ray_cache = _RayCache()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw a new set of source/target pairs (call at the start of each epoch, before iterating)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_objects * NMR_NUM_VIEWS
+
+    def views(self, idx: int) -> tuple[list[int], int]:
+        """``(source_views, target_view)`` of item ``idx`` for the current epoch."""
+        index, first = divmod(idx, NMR_NUM_VIEWS)
+        if self.fixed_source_views is not None:
+            first = self.fixed_source_views[index]
+        rng = np.random.default_rng([self.seed, self.epoch, idx])
+        others = [v for v in range(NMR_NUM_VIEWS) if v != first]
+        extra = (
+            rng.choice(others, size=self.num_source_views - 1, replace=False).tolist()
+            if self.num_source_views > 1
+            else []
+        )
+        sources = [first] + [int(v) for v in extra]
+        candidates = (
+            [v for v in range(NMR_NUM_VIEWS) if v not in sources]
+            if self.exclude_source_from_targets
+            else list(range(NMR_NUM_VIEWS))
+        )
+        target = int(candidates[rng.integers(len(candidates))])
+        return sources, target
+
+    def __getitem__(self, idx: int) -> dict:
+        idx = int(idx)
+        if not 0 <= idx < len(self):
+            raise IndexError(f"index {idx} out of range for a dataset of {len(self)} items")
+        sources, target = self.views(idx)
+        index = idx // NMR_NUM_VIEWS
+        synset, object_id = self._objects[index]
+        views = sources + [target]
+        images = to_model_range(self._images(index, views))
+        cameras = self.storage.read_cameras(synset, object_id, sorted(set(views)))
+        rays = self._ray_cache(cameras, sources[0], views, self.image_size)
+        k = self.num_source_views
+        return {
+            "source_image": images[0] if k == 1 else images[:k],
+            "source_rays": rays[0] if k == 1 else rays[:k],
+            "target_image": images[k],
+            "target_rays": rays[k],
+            "source_view": sources[0],
+            "target_view": target,
+            "label": self._labels[index],
+            "object_id": f"{synset}/{object_id}",
+        }
+
+
+class NMRArrays(NamedTuple):
+    """A whole split in memory (see :meth:`NMRObjects.all_images_uint8`)."""
+
+    images: torch.Tensor
+    """``(N, 24, 3, H, W)`` uint8."""
+    world_mats: torch.Tensor
+    """``(N, 24, 4, 4)`` float32, ``world_mat`` of every view (world -> camera)."""
+    unprojections: torch.Tensor
+    """``(N, 24, 4, 4)`` float32, ``world_mat_inv @ camera_mat_inv`` of every view."""
+    labels: torch.Tensor
+    """``(N,)`` int64."""
+
+
+class NMRObjects(_NMRObjectIndex):
+    """Whole NMR objects, for evaluation: a sequence of dicts
+
+    * ``images``: ``(24, 3, H, W)`` float in [-1, 1];
+    * ``cameras``: the object's ``cameras.npz`` as a dict of float64 ``(4, 4)`` arrays
+      (``world_mat_i``, ``world_mat_inv_i``, ``camera_mat_i``, ``camera_mat_inv_i``, i = 0..23);
+    * ``label`` (int), ``category`` (synset id), ``object_id`` (``"<synset>/<object>"``);
+    * ``source_view`` (int), with a ``view_list`` (e.g. pixelNeRF's ``src_dvr.txt``);
+    * ``masks``: ``(24, 1, H, W)`` float in [0, 1], with ``with_masks=True``.
+
+    Arguments are those of :class:`NMRDataset`.
+    """
+
+    def __init__(
+        self,
+        path,
+        split: str = "test",
+        image_size: int = 32,
+        categories: Iterable[str] | str | None = None,
+        view_list: str | os.PathLike | None = None,
+        with_masks: bool = False,
+    ):
+        super().__init__(path, split, categories, image_size)
+        self.source_views = self._source_views_from_list(view_list)
+        self.with_masks = bool(with_masks)
+
+    def __len__(self) -> int:
+        return self.num_objects
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} objects")
+        index %= len(self)
+        synset, object_id = self._objects[index]
+        views = range(NMR_NUM_VIEWS)
+        item = {
+            "images": to_model_range(self._images(index, views)),
+            "cameras": self.storage.read_cameras(synset, object_id),
+            "label": self._labels[index],
+            "category": synset,
+            "object_id": f"{synset}/{object_id}",
+        }
+        if self.source_views is not None:
+            item["source_view"] = self.source_views[index]
+        if self.with_masks:
+            masks = self.storage.read_masks(synset, object_id, views)
+            masks = area_downsample_uint8(masks, self.image_size, channels_last=False)
+            item["masks"] = torch.from_numpy(masks).float().div(255.0).unsqueeze(1)
+        return item
+
+    def all_images_uint8(self) -> NMRArrays:
+        """The whole split as tensors, for a training loop that keeps a small dataset in memory:
+        ``NMRArrays(images, world_mats, unprojections, labels)``, images ``(N, 24, 3, H, W)`` uint8
+        (``x / 127.5 - 1`` gives the items' values), cameras as ``(N, 24, 4, 4)`` float32.
+        Build rays in batch with :func:`batch_rays`."""
+        images = np.empty(
+            (self.num_objects, NMR_NUM_VIEWS, 3, self.image_size, self.image_size), dtype=np.uint8
+        )
+        world_mats = np.empty((self.num_objects, NMR_NUM_VIEWS, 4, 4), dtype=np.float64)
+        unprojections = np.empty_like(world_mats)
+        for index, (synset, object_id) in enumerate(self._objects):
+            images[index] = self._images(index, range(NMR_NUM_VIEWS)).transpose(0, 3, 1, 2)
+            cameras = self.storage.read_cameras(synset, object_id)
+            for view in range(NMR_NUM_VIEWS):
+                world_mats[index, view] = cameras[f"world_mat_{view}"]
+                unprojections[index, view] = (
+                    cameras[f"world_mat_inv_{view}"] @ cameras[f"camera_mat_inv_{view}"]
+                )
+        return NMRArrays(
+            images=torch.from_numpy(images),
+            world_mats=torch.from_numpy(world_mats).float(),
+            unprojections=torch.from_numpy(unprojections).float(),
+            labels=torch.tensor(self._labels, dtype=torch.int64),
+        )
+
+
+def batch_rays(source_world_mats: torch.Tensor, unprojections: torch.Tensor, size: int) -> torch.Tensor:
+    """Rays ``(B, 6, size, size)`` of views with ``unprojections`` ``(B, 4, 4)``
+    (``world_mat_inv @ camera_mat_inv``) in the frames of cameras ``source_world_mats`` ``(B, 4, 4)``:
+    the batched, torch form of :func:`soda_diffusers.cameras.rays_from_matrices`, for
+    :meth:`NMRObjects.all_images_uint8` tensors (``arrays.world_mats[objects, source_views]``)."""
+    coords = torch.linspace(-1.0, 1.0, size, dtype=unprojections.dtype, device=unprojections.device)
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    grid = torch.stack([x, y, torch.ones_like(x), torch.zeros_like(x)]).reshape(4, -1)
+    rotation = source_world_mats[:, :3, :3]
+    directions = rotation @ (unprojections @ grid)[:, :3]
+    directions = directions / directions.norm(dim=1, keepdim=True)
+    # The camera centre is the unprojection of the homogeneous point (0, 0, 0, 1).
+    centres = source_world_mats @ unprojections[:, :, 3:]
+    origins = centres[:, :3] / centres[:, 3:]
+    rays = torch.cat([origins.expand_as(directions), directions], dim=1)
+    return rays.reshape(-1, 6, size, size)
