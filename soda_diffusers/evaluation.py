@@ -6,10 +6,30 @@ The protocol of pixelNeRF on NMR: one source view per object, the 23 other views
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+
 import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 from soda_diffusers.cameras import NMR_NUM_VIEWS, nmr_rays
 from soda_diffusers.metrics import psnr, ssim
+
+# Samplers by their command-line names; every one is built from the pipeline's own scheduler config,
+# so the noise schedule and prediction type the model was trained with carry over.
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "dpmsolver": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
 
 
 def target_views(source_view: int, num_views: int = NMR_NUM_VIEWS) -> list[int]:
@@ -42,3 +62,48 @@ def view_scores(generated: torch.Tensor, targets: torch.Tensor) -> dict[str, lis
     """Per-view PSNR and SSIM of images in [-1, 1]."""
     generated, targets = (generated.float().clamp(-1, 1) + 1) / 2, (targets.float().clamp(-1, 1) + 1) / 2
     return {"psnr": psnr(generated, targets).tolist(), "ssim": ssim(generated, targets).tolist()}
+
+
+def set_scheduler(pipe, name: str):
+    """Swap ``pipe``'s sampler for the one called ``name`` in :data:`SCHEDULERS`, keeping its schedule
+    (``Class.from_config(pipe.scheduler.config)``). Returns ``pipe``."""
+    scheduler_class = SCHEDULERS.get(str(name).lower())
+    if scheduler_class is None:
+        raise ValueError(f"scheduler: expected one of {sorted(SCHEDULERS)}, got {name!r}")
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def _seed_from(*parts) -> int:
+    # A hash rather than Python's hash(): the same on every run and machine. 60 bits fit manual_seed.
+    return int(hashlib.sha256("/".join(str(part) for part in parts).encode()).hexdigest()[:15], 16)
+
+
+def seeded_view(seed: int, object_id: str, num_views: int = NMR_NUM_VIEWS) -> int:
+    """A view of object ``object_id`` drawn by ``seed`` alone: the source view when no view list fixes
+    one, and the view the probes encode. It does not depend on which other objects are evaluated."""
+    return _seed_from(seed, object_id, "view") % num_views
+
+
+def view_seeds(seed: int, object_id: str, views: Sequence[int]) -> list[int]:
+    """One generator seed per target view of an object, a function of ``(seed, object_id, view)`` only."""
+    return [_seed_from(seed, object_id, int(view)) for view in views]
+
+
+@torch.no_grad()
+def generate_views_per_seed(
+    pipe,
+    source_images: torch.Tensor,
+    target_rays: torch.Tensor,
+    seeds: Sequence[int],
+    **pipe_kwargs,
+) -> torch.Tensor:
+    """As :func:`generate_views`, with each target's generator seed given (``seeds[i]`` for target ``i``).
+
+    With :func:`view_seeds` a target's starting noise depends on its object and view only, so batches
+    that mix objects, and evaluations resumed part-way, draw the same noise for the same view."""
+    if len(seeds) != target_rays.shape[0]:
+        raise ValueError(f"seeds: expected one per target ({target_rays.shape[0]}), got {len(seeds)}")
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    images = pipe(source_images, target_rays, generator=generators, output_type="pt", **pipe_kwargs).images
+    return images.cpu() * 2 - 1

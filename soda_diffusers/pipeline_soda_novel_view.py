@@ -238,3 +238,40 @@ class SODANovelViewPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> SODANovelViewPipeline:
+        """Diffusers' ``from_pretrained``. Folders and repos written by :func:`soda_diffusers.hub.export_for_hub`
+        bundle source files so they load without this package; here they load with this package's own classes
+        and none of the bundled code runs."""
+        from soda_diffusers.hub import package_layout
+
+        with package_layout(pretrained_model_name_or_path, **kwargs) as path:
+            return super().from_pretrained(path, **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        *,
+        training_dir: str | Path | None = None,
+        metrics: str | Path | dict | None = None,
+        samples: list[str | Path] | None = None,
+        dataset: str | None = None,
+    ):
+        """Upload the pipeline to the Hub model repo ``repo_id`` (created if needed) as one commit that
+        deletes nothing else there: weights, a model card and the source files that let it load without
+        this package (see :func:`soda_diffusers.hub.export_for_hub` for the layout and the arguments).
+
+        Raises ``soda_diffusers.hub.HubUploadError`` when the Hub cannot be reached or refuses (no token:
+        ``hf auth login`` or ``HF_TOKEN``); the exported folder is then kept and its path given.
+        """
+        from soda_diffusers.hub import push_to_hub
+
+        return push_to_hub(
+            self, repo_id, commit_message=commit_message, private=private, token=token, create_pr=create_pr,
+            training_dir=training_dir, metrics=metrics, samples=samples, dataset=dataset,
+        )

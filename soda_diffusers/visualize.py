@@ -84,3 +84,47 @@ def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path
     path = Path(path)
     image.save(path)
     return path
+
+
+def plot_bars(values: dict[str, float], path: str | Path, title: str = "", height: int = 400,
+              value_format: str = "{:.3g}") -> Path:
+    """Bar chart of named values as a PNG, drawn with PIL alone: one bar per name, its value above it.
+
+    The y axis starts at 0 (or at the lowest value, when some are negative); the image widens with the
+    number and length of the names so that labels do not overlap."""
+    from PIL import ImageDraw
+
+    if not values:
+        raise ValueError("plot_bars: nothing to plot")
+    colour = (31, 119, 180)
+    left, right, top, bottom = 60, 20, 40, 40
+    draw = ImageDraw.Draw(PIL.Image.new("RGB", (1, 1)))
+    slot = max(48, 12 + max(int(draw.textlength(name)) for name in values))
+    width = max(320, left + right + slot * len(values))
+    image = PIL.Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    y_min, y_max = min(0.0, *values.values()), max(0.0, *values.values())
+    if y_max == y_min:
+        y_max = y_min + 1
+
+    def y_pixel(value: float) -> float:
+        return top + (1 - (value - y_min) / (y_max - y_min)) * (height - top - bottom)
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for fraction in (0.0, 0.5, 1.0):
+        y_value = y_min + fraction * (y_max - y_min)
+        draw.text((5, y_pixel(y_value) - 6), f"{y_value:.3g}", fill="black")
+    draw.text((left, 12), title, fill="black")
+    plot_width = width - left - right
+    for i, (name, value) in enumerate(values.items()):
+        centre = left + plot_width * (i + 0.5) / len(values)
+        half = 0.35 * plot_width / len(values)
+        top_y, base_y = sorted((y_pixel(value), y_pixel(0.0)))
+        draw.rectangle([centre - half, top_y, centre + half, base_y], fill=colour)
+        label = value_format.format(value)
+        label_y = top_y - 14 if value >= 0 else base_y + 2
+        draw.text((centre - draw.textlength(label) / 2, label_y), label, fill="black")
+        draw.text((centre - draw.textlength(name) / 2, height - bottom + 8), name, fill="black")
+    path = Path(path)
+    image.save(path)
+    return path

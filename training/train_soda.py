@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import signal
 import sys
@@ -262,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             report_to = None
     accelerator = Accelerator(
+        # Accelerate forms a CPU process group (gloo) only when told to run on CPU; without a GPU, several
+        # processes (accelerate launch --num_processes N, torchrun) would otherwise each train alone.
+        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
         log_with=report_to or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
@@ -440,13 +444,22 @@ def main(argv: list[str] | None = None) -> int:
         final.save_pretrained(output_dir)
         summary = {"train_steps": step, "train_seconds": round(train_seconds, 1), "data": str(data_path),
                    "preset": args.preset, "batch_size": args.train_batch_size, "processes": accelerator.num_processes,
-                   "parameter_checksums": checksums}
+                   "hardware": describe_hardware(accelerator), "parameter_checksums": checksums}
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"saved the {'EMA ' if ema_models else ''}pipeline to {output_dir}")
         if args.push_to_hub:
             push_pipeline(final, output_dir, args)
     accelerator.end_training()
     return exit_code
+
+
+def describe_hardware(accelerator) -> str:
+    """What the run trained on, for the model card: processes x device name."""
+    if accelerator.device.type == "cuda":
+        name = torch.cuda.get_device_name(accelerator.device)
+    else:
+        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{accelerator.num_processes} x {name}"
 
 
 def measure_step_seconds(args, steps: int = 3) -> float:
@@ -526,7 +539,7 @@ def write_samples(accelerator, pipe, ema_models, encoder, unet, val_arrays, args
 def push_pipeline(pipe, output_dir: Path, args) -> None:
     if not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (user/repo)")
-    pipe.push_to_hub(args.hub_model_id, private=args.hub_private)
+    pipe.push_to_hub(args.hub_model_id, private=args.hub_private or None, training_dir=output_dir)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,58 @@
+"""``soda-nvs push``: share a saved pipeline on the Hugging Face Hub, with its model card."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="upload a saved pipeline to the Hugging Face Hub, with a model card",
+        description="Upload a saved pipeline folder (a training output folder works: its train_summary.json, "
+        "train_config.json, metrics.json and samples/ go into the model card) to a Hub model repo. The repo "
+        "loads with SODANovelViewPipeline.from_pretrained, and without soda-diffusers with "
+        "DiffusionPipeline.from_pretrained(..., trust_remote_code=True). The upload adds one commit and "
+        "deletes nothing in the repo. Needs a token: `hf auth login` or HF_TOKEN.",
+    )
+    parser.add_argument("--pipeline", required=True, help="a saved pipeline folder (save_pretrained)")
+    parser.add_argument("--repo-id", required=True, help="the Hub model repo, user/name")
+    parser.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
+    parser.add_argument("--metrics", help="an evaluation metrics.json (default: PIPELINE/metrics.json if present)")
+    parser.add_argument(
+        "--samples", nargs="+", metavar="IMAGE",
+        help="images to show in the card, e.g. orbit.gif from `soda-nvs generate` (default: PIPELINE/samples/)",
+    )
+    parser.add_argument("--dataset", help="the Hub dataset id of the training data, for the card's metadata")
+    parser.add_argument("--commit-message", help="the commit message")
+    parser.add_argument("--dry-run", metavar="DIR", help="write the folder that would be uploaded to DIR, upload nothing")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from soda_diffusers.hub import HubUploadError, export_for_hub, push_to_hub
+
+    if not Path(args.pipeline).is_dir():
+        raise FileNotFoundError(f"--pipeline: no folder {args.pipeline}")
+    if args.metrics and not Path(args.metrics).is_file():
+        raise FileNotFoundError(f"--metrics: no file {args.metrics}")
+    export_kwargs = {"metrics": args.metrics, "samples": args.samples, "dataset": args.dataset}
+    if args.dry_run:
+        out = export_for_hub(args.pipeline, args.dry_run, repo_id=args.repo_id, **export_kwargs)
+        files = sorted(p for p in out.rglob("*") if p.is_file())
+        megabytes = sum(p.stat().st_size for p in files) / 1e6
+        print(f"wrote {out}: {len(files)} files, {megabytes:.1f} MB, the folder `push` would upload to {args.repo_id}")
+        print("dry run: nothing was uploaded")
+        return 0
+    try:
+        commit = push_to_hub(
+            args.pipeline, args.repo_id, private=True if args.private else None, commit_message=args.commit_message,
+            **export_kwargs,
+        )
+    except HubUploadError as error:
+        print(f"soda-nvs {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    print(f"uploaded: {commit.commit_url}")
+    return 0

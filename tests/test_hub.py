@@ -1,0 +1,445 @@
+"""Sharing on the Hub: the exported folder loads with and without the package, its card, the upload.
+
+Nothing here touches the network: loading runs in fresh processes with ``HF_HUB_OFFLINE=1`` (a Hub
+repo id is served from a Hugging Face cache the test fills) and the upload calls are mocked.
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import make_tiny_pipeline
+from huggingface_hub import ModelCard
+from huggingface_hub.errors import LocalTokenNotFoundError, OfflineModeIsEnabled
+
+from soda_diffusers import SODANovelViewPipeline, orbit_rays
+from soda_diffusers.cli import main
+from soda_diffusers.hub import (
+    HubUploadError,
+    export_for_hub,
+    preset_name,
+    render_dataset_card,
+    standalone_source,
+)
+from soda_diffusers.visualize import save_gif
+
+REPO_ID = "soda-test/tiny"
+SIZE = 16
+EXPORTED_FILES = {
+    "README.md", "model_index.json", "pipeline_soda_novel_view.py", "metrics.json", "train_summary.json",
+    "train_config.json", "samples/orbit.gif", "samples/step-000300.png",
+    "encoder/config.json", "encoder/diffusion_pytorch_model.safetensors", "encoder/soda_encoder.py",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/soda_unet_2d.py",
+    "scheduler/scheduler_config.json",
+}
+HUB_ROOT_FILES = {"model_index.json", "pipeline_soda_novel_view.py"}
+METRICS = {
+    "nvs": {"psnr": 21.4567, "ssim": 0.81234, "lpips": None, "num_objects": 40,
+            "per_category": {"car": {"psnr": 23.8765, "ssim": 0.85432, "lpips": None, "num_objects": 20},
+                             "chair": {"psnr": 19.0369, "ssim": 0.77036, "lpips": None, "num_objects": 20}}},
+    "probe": {"linear_acc": 0.9375, "knn_acc": 0.8125},
+    "fid": 87.6543,
+}
+TRAIN_SUMMARY = {"train_steps": 300, "train_seconds": 754.2, "data": "/cache/synthetic-v1-30-0", "preset": "soda-tiny",
+                 "batch_size": 32, "processes": 1}
+TRAIN_CONFIG = {"preset": "soda-tiny", "encoder": {}, "unet": {}, "learning_rate": 0.002,
+                "encoder_learning_rate": 0.0005, "lr_scheduler": "cosine", "lr_warmup_steps": 50,
+                "train_batch_size": 32, "max_train_steps": 300, "use_ema": True, "ema_decay": 0.995,
+                "mixed_precision": "no", "seed": 0}
+
+# Run first in every fresh process: any attempt to reach the network fails the test.
+REFUSE_NETWORK = """
+import socket
+
+def refuse_network(*args, **kwargs):
+    raise OSError("this test must not use the network")
+
+socket.socket.connect = socket.getaddrinfo = socket.create_connection = refuse_network
+"""
+
+# Run first in the fresh processes that must not see soda_diffusers: the package is installed
+# (editable), so it has to be refused actively.
+BLOCK_PACKAGE = """
+import sys
+
+class RefuseSodaDiffusers:
+    def find_spec(self, name, path=None, target=None):
+        if name == "soda_diffusers" or name.startswith("soda_diffusers."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+
+sys.meta_path.insert(0, RefuseSodaDiffusers())
+try:
+    import soda_diffusers
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("soda_diffusers is importable in a process that must run without it")
+"""
+
+
+def generate(pipe, work: Path) -> np.ndarray:
+    """The images every loading way must reproduce exactly."""
+    source = PIL.Image.open(work / "source.png")
+    rays = torch.load(work / "rays.pt")
+    # CPU kernels sum in an order that depends on the thread count (other tests change it): the
+    # fresh processes use 2 threads as well.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        return pipe(source, rays, num_inference_steps=3, generator=generator, output_type="np").images
+    finally:
+        torch.set_num_threads(threads)
+
+
+GENERATE = """
+import numpy as np
+import PIL.Image
+import torch
+
+torch.set_num_threads(2)
+
+def generate(pipe):
+    source = PIL.Image.open("source.png")
+    rays = torch.load("rays.pt")
+    generator = torch.Generator().manual_seed(0)
+    return pipe(source, rays, num_inference_steps=3, generator=generator, output_type="np").images
+"""
+
+
+def card_snippets(readme: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.DOTALL)
+
+
+def run_python(code: str, work: Path, hf_home: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    result = subprocess.run([sys.executable, "-c", REFUSE_NETWORK + code], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def work_dir(exported, tmp_path: Path) -> Path:
+    """A working directory for a fresh process, with the source image, rays and reference images."""
+    for name in ("source.png", "rays.pt", "expected.npy"):
+        shutil.copy2(exported.work / name, tmp_path / name)
+    return tmp_path
+
+
+def cache_as_hub_repo(folder: Path, hf_home: Path, repo_id: str) -> None:
+    """Put ``folder`` into a Hugging Face cache as the main revision of the model repo ``repo_id``,
+    with only the files DiffusionPipeline.download fetches (its allow_patterns: weights, configs,
+    the pipeline module and ``<component>/<module>.py``)."""
+    repo_dir = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    snapshot = repo_dir / "snapshots" / commit
+    component_files = {name for name in EXPORTED_FILES if name.endswith((".json", ".safetensors", ".py")) and "/" in name}
+    for name in component_files | HUB_ROOT_FILES:
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(folder / name, snapshot / name)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def refuse_network():
+    def refuse(*args, **kwargs):
+        raise OSError("this test must not use the network")
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("connect", "connect_ex"):
+            patch.setattr(socket.socket, name, refuse)
+        patch.setattr(socket, "getaddrinfo", refuse)
+        yield
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny trained-looking run folder, pushed with --dry-run, and the reference images."""
+    root = tmp_path_factory.mktemp("hub")
+    pipe = make_tiny_pipeline()
+    run_dir = root / "run"
+    pipe.save_pretrained(run_dir)
+    (run_dir / "train_summary.json").write_text(json.dumps(TRAIN_SUMMARY))
+    (run_dir / "train_config.json").write_text(json.dumps(TRAIN_CONFIG))
+    (run_dir / "metrics.json").write_text(json.dumps(METRICS))
+    (run_dir / "samples").mkdir()
+    frames = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    save_gif(frames, run_dir / "samples" / "orbit.gif")
+    for step in (150, 300):
+        PIL.Image.new("RGB", (SIZE, SIZE), (step % 256, 0, 0)).save(run_dir / "samples" / f"step-{step:06d}.png")
+
+    work = root / "work"
+    work.mkdir()
+    source = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    PIL.Image.fromarray(source).save(work / "source.png")
+    torch.save(orbit_rays([15.0, 90.0, 210.0], size=SIZE), work / "rays.pt")
+    np.save(work / "expected.npy", generate(pipe, work))
+
+    out = root / "upload"
+    assert main(["push", "--pipeline", str(run_dir), "--repo-id", REPO_ID, "--dry-run", str(out)]) == 0
+    hf_home = root / "hf-home"
+    cache_as_hub_repo(out, hf_home, REPO_ID)
+    return SimpleNamespace(out=out, run_dir=run_dir, work=work, hf_home=hf_home, pipe=pipe)
+
+
+def test_dry_run_writes_exactly_the_upload_folder(exported):
+    files = {p.relative_to(exported.out).as_posix() for p in exported.out.rglob("*") if p.is_file()}
+    assert files == EXPORTED_FILES  # the older validation grid (step 150) is left out
+    index = json.loads((exported.out / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_soda_novel_view", "SODANovelViewPipeline"]
+    assert index["encoder"] == ["soda_encoder", "SODAEncoder"]
+    assert index["unet"] == ["soda_unet_2d", "SODAUNet2DModel"]
+    assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
+    assert json.loads((exported.out / "metrics.json").read_text()) == METRICS
+
+
+def test_bundled_sources_stand_alone(exported):
+    for name in ("pipeline_soda_novel_view.py", "encoder/soda_encoder.py", "unet/soda_unet_2d.py"):
+        source = (exported.out / name).read_text()
+        # Diffusers' own import scan (check_imports) reads every line that looks like an import.
+        imported = re.findall(r"^\s*(?:from\s+(\S+)\s+import|import\s+(\S+)\s*$)", source, flags=re.MULTILINE)
+        top_level = {(a or b).split(".")[0] for a, b in imported}
+        assert "soda_diffusers" not in top_level, name
+        assert not any((a or b).startswith(".") for a, b in imported), f"{name}: relative import"
+        assert top_level <= {"__future__", "collections", "inspect", "json", "math", "pathlib", "numpy", "PIL", "torch", "diffusers"}
+    pipeline_source = (exported.out / "pipeline_soda_novel_view.py").read_text()
+    assert "def from_preset" not in pipeline_source and "def push_to_hub" not in pipeline_source
+    assert "def __call__" in pipeline_source
+    encoder_source = (exported.out / "encoder" / "soda_encoder.py").read_text()
+    assert "def orbit_rays" in encoder_source and "class RayEncoding" in encoder_source
+    assert standalone_source("soda_diffusers.models.soda_encoder") == encoder_source
+
+
+def test_loads_with_the_package_in_a_fresh_process(exported, tmp_path):
+    code = GENERATE + textwrap.dedent(f"""
+        from soda_diffusers import SODAEncoder, SODANovelViewPipeline, SODAUNet2DModel
+
+        for name_or_path in [{str(exported.out)!r}, {REPO_ID!r}]:
+            pipe = SODANovelViewPipeline.from_pretrained(name_or_path)
+            assert type(pipe) is SODANovelViewPipeline, type(pipe)
+            assert type(pipe.encoder) is SODAEncoder and type(pipe.unet) is SODAUNet2DModel
+            pipe.set_progress_bar_config(disable=True)
+            np.testing.assert_array_equal(generate(pipe), np.load("expected.npy"))
+        assert not [m for m in sys.modules if m.startswith("diffusers_modules.")], "ran the bundled code"
+    """)
+    snippet = card_snippets(exported.out / "README.md")[0]
+    assert f'SODANovelViewPipeline.from_pretrained("{REPO_ID}")' in snippet
+    code += "\n" + snippet + "\nnp.save('package_snippet_rays.npy', target_rays.numpy())\n"
+    run_python("import sys\n" + code, work_dir(exported, tmp_path), exported.hf_home)
+    assert (tmp_path / "orbit.gif").is_file()
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "package_snippet_rays.npy"), orbit_rays([15.0 * i for i in range(24)], size=SIZE).numpy()
+    )
+
+
+def test_loads_without_the_package_in_a_fresh_process(exported, tmp_path):
+    code = BLOCK_PACKAGE + GENERATE + textwrap.dedent(f"""
+        from diffusers import DiffusionPipeline
+
+        for name_or_path in [{str(exported.out)!r}, {REPO_ID!r}]:
+            pipe = DiffusionPipeline.from_pretrained(name_or_path, trust_remote_code=True)
+            assert type(pipe).__name__ == "SODANovelViewPipeline"
+            for model in (pipe, pipe.encoder, pipe.unet):
+                assert type(model).__module__.startswith("diffusers_modules."), type(model).__module__
+            pipe.set_progress_bar_config(disable=True)
+            np.testing.assert_array_equal(generate(pipe), np.load("expected.npy"))
+        assert not [m for m in sys.modules if m.startswith("soda_diffusers")]
+    """)
+    snippet = card_snippets(exported.out / "README.md")[1]
+    assert f'DiffusionPipeline.from_pretrained("{REPO_ID}", trust_remote_code=True)' in snippet
+    code += "\n" + snippet + "\nnp.save('standalone_snippet_rays.npy', target_rays.numpy())\n"
+    run_python(code, work_dir(exported, tmp_path), exported.hf_home)
+    assert (tmp_path / "orbit.gif").is_file()
+    # The card's numpy rays equal the package's (which round the camera matrices to float32).
+    np.testing.assert_allclose(
+        np.load(tmp_path / "standalone_snippet_rays.npy"),
+        orbit_rays([15.0 * i for i in range(24)], size=SIZE).numpy(), atol=2e-6, rtol=0,
+    )
+
+
+def test_model_card_metadata_and_content(exported):
+    card = ModelCard.load(exported.out / "README.md")
+    assert card.data.library_name == "diffusers"
+    assert card.data.license == "apache-2.0"
+    assert set(card.data.tags) == {
+        "novel-view-synthesis", "representation-learning", "soda", "diffusers:SODANovelViewPipeline", "synthetic-nmr"
+    }
+    text = card.text
+    # The metrics file's numbers, overall and per category, the probes and FID.
+    for quoted in ("| all | 40 | 21.46 | 0.812 | n/a |", "| car | 20 | 23.88 | 0.854 | n/a |",
+                   "| chair | 20 | 19.04 | 0.770 | n/a |", "| linear acc | 0.938 |", "| knn acc | 0.812 |", "87.65"):
+        assert quoted in text, quoted
+    encoder_parameters = sum(p.numel() for p in exported.pipe.encoder.parameters())
+    unet_parameters = sum(p.numel() for p in exported.pipe.unet.parameters())
+    assert f"{encoder_parameters:,} (" in text and f"{unet_parameters:,} (" in text
+    assert "`inverted_cosine`" in text and "`epsilon`" in text and "12 numbers" in text
+    assert "source 16 px, generated views 16 px" in text and "4 random Fourier features" in text
+    # The training run: steps, batch, learning rates, time.
+    for quoted in ("| steps | 300 |", "| batch size | 32 |", "U-Net 0.002, encoder 0.0005", "| training time | 12.6 min |",
+                   "`synthetic-v1-30-0`"):
+        assert quoted in text, quoted
+    assert "![held-out objects after 300 training steps" in text and "(samples/orbit.gif)" in text
+    assert "step-000150" not in text
+
+
+def test_card_without_training_or_metrics(tmp_path):
+    out = export_for_hub(make_tiny_pipeline(), tmp_path / "upload", repo_id="someone/model", dataset="someone/nmr-64")
+    assert {p.name for p in out.iterdir()} == {
+        "README.md", "model_index.json", "pipeline_soda_novel_view.py", "encoder", "unet", "scheduler"
+    }
+    card = ModelCard.load(out / "README.md")
+    assert card.data.datasets == ["someone/nmr-64"]
+    assert card.data.tags == [
+        "novel-view-synthesis", "representation-learning", "soda", "diffusers:SODANovelViewPipeline", "nmr-64"
+    ]
+    assert "## Training" not in card.text and "## Evaluation" not in card.text and "## Samples" not in card.text
+    assert 'from_pretrained("someone/model")' in card.text
+    assert "| preset | custom (no preset of soda-diffusers matches) |" in card.text
+
+
+def test_explicit_samples_replace_the_found_ones(tmp_path, exported):
+    orbit = tmp_path / "generated" / "chair-orbit.gif"
+    orbit.parent.mkdir()
+    orbit.write_bytes((exported.run_dir / "samples" / "orbit.gif").read_bytes())
+    out = tmp_path / "upload"
+    argv = ["push", "--pipeline", str(exported.run_dir), "--repo-id", REPO_ID, "--dry-run", str(out), "--samples", str(orbit)]
+    assert main(argv) == 0
+    assert [p.name for p in (out / "samples").iterdir()] == ["chair-orbit.gif"]
+    assert "![chair orbit](samples/chair-orbit.gif)" in (out / "README.md").read_text()
+
+
+def test_card_names_the_preset():
+    preset_pipe = SODANovelViewPipeline.from_preset("soda-tiny")
+    assert preset_name(preset_pipe) == "soda-tiny"
+    preset_pipe.unet.register_to_config(z_drop_prob=0.5)
+    assert preset_name(preset_pipe) is None
+
+
+def test_export_refuses_a_non_empty_folder(tmp_path, exported, capsys):
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    argv = ["push", "--pipeline", str(exported.run_dir), "--repo-id", REPO_ID, "--dry-run", str(target)]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "exists and is not an empty folder" in error
+    assert (target / "notes.txt").read_text() == "mine"
+    assert main(["push", "--pipeline", str(tmp_path / "missing"), "--repo-id", REPO_ID, "--dry-run", str(tmp_path / "x")]) == 2
+    assert "no folder" in capsys.readouterr().err
+
+
+@pytest.fixture
+def temp_root(tmp_path, monkeypatch):
+    """Where push_to_hub's temporary export folder goes."""
+    root = tmp_path / "tmp"
+    root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
+def test_no_token_gives_one_clear_error_and_keeps_the_folder(temp_root, exported, monkeypatch, capsys):
+    def create_repo(repo_id, **kwargs):
+        raise LocalTokenNotFoundError("Token is required (`token=True`), but no token found.")
+
+    def upload_folder(**kwargs):
+        raise AssertionError("nothing may be uploaded when the repo could not be created")
+
+    monkeypatch.setattr("soda_diffusers.hub.create_repo", create_repo)
+    monkeypatch.setattr("soda_diffusers.hub.upload_folder", upload_folder)
+    with pytest.raises(HubUploadError) as raised:
+        make_tiny_pipeline().push_to_hub(REPO_ID)
+    message = str(raised.value)
+    assert REPO_ID in message and "hf auth login" in message and "HF_TOKEN" in message and "no token found" in message
+    kept = raised.value.folder
+    assert kept.parent == temp_root and str(kept) in message
+    assert (kept / "README.md").is_file() and (kept / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+    assert main(["push", "--pipeline", str(exported.run_dir), "--repo-id", REPO_ID]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading progress bar
+    assert error.startswith("soda-nvs push: error: could not upload") and "hf auth login" in error
+    assert len(list(temp_root.iterdir())) == 2
+
+
+def test_no_network_during_upload_keeps_the_folder(temp_root, monkeypatch):
+    monkeypatch.setattr("soda_diffusers.hub.create_repo", lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+
+    def upload_folder(**kwargs):
+        raise OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/models/soda-test/tiny/preupload/main")
+
+    monkeypatch.setattr("soda_diffusers.hub.upload_folder", upload_folder)
+    with pytest.raises(HubUploadError, match="OfflineModeIsEnabled") as raised:
+        make_tiny_pipeline().push_to_hub(REPO_ID)
+    assert (raised.value.folder / "model_index.json").is_file()
+
+
+def test_upload_adds_one_commit_and_deletes_nothing(temp_root, exported, monkeypatch):
+    calls = {}
+
+    def create_repo(repo_id, **kwargs):
+        calls["create_repo"] = (repo_id, kwargs)
+        return SimpleNamespace(repo_id=f"someone/{repo_id}")
+
+    def upload_folder(**kwargs):
+        folder = Path(kwargs["folder_path"])
+        calls["upload_folder"] = kwargs
+        calls["uploaded"] = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        calls["readme"] = (folder / "README.md").read_text()
+        return SimpleNamespace(commit_url="https://huggingface.co/someone/tiny/commit/0123")
+
+    monkeypatch.setattr("soda_diffusers.hub.create_repo", create_repo)
+    monkeypatch.setattr("soda_diffusers.hub.upload_folder", upload_folder)
+    commit = make_tiny_pipeline().push_to_hub("tiny", private=True, training_dir=exported.run_dir)
+    assert commit.commit_url.endswith("/commit/0123")
+    assert calls["create_repo"] == ("tiny", {"private": True, "token": None, "exist_ok": True})
+    upload = calls["upload_folder"]
+    assert upload["repo_id"] == "someone/tiny"
+    assert not any(key in upload for key in ("delete_patterns", "ignore_patterns", "allow_patterns"))
+    assert calls["uploaded"] == EXPORTED_FILES
+    # The card names the repo as create_repo completed it.
+    assert 'from_pretrained("someone/tiny")' in calls["readme"]
+    assert list(temp_root.iterdir()) == []  # the temporary export is gone once uploaded
+
+
+def test_dataset_card(tmp_path):
+    import datasets
+
+    from soda_diffusers.data.arrow import nmr_features
+
+    size = 8
+    features = nmr_features(size, ["02958343", "03001627"])
+    def rows(objects):
+        return {
+            "object_id": [f"{synset}/{i}" for i, (synset, _) in enumerate(objects)],
+            "category": [synset for synset, _ in objects],
+            "category_name": [name for _, name in objects],
+            "label": [0 if synset == "02958343" else 1 for synset, _ in objects],
+            "split": ["x"] * len(objects),
+            "images": [np.zeros((24, size, size, 3), np.uint8)] * len(objects),
+            "masks": [np.zeros((24, size, size), np.uint8)] * len(objects),
+            **{key: [np.eye(4)[None].repeat(24, 0)] * len(objects)
+               for key in ("world_mat", "world_mat_inv", "camera_mat", "camera_mat_inv")},
+        }
+    splits = {"train": [("02958343", "car")] * 3 + [("03001627", "chair")] * 2, "test": [("03001627", "chair")]}
+    datasets.DatasetDict(
+        {split: datasets.Dataset.from_dict(rows(objects), features=features) for split, objects in splits.items()}
+    ).save_to_disk(str(tmp_path / "nmr-arrow"))
+
+    card = render_dataset_card(tmp_path / "nmr-arrow", repo_id="someone/nmr-8px", source="NMR_Dataset.zip")
+    card.save(tmp_path / "README.md")
+    data = type(card).load(tmp_path / "README.md").data
+    assert data.license == "other" and data.size_categories == ["n<1K"] and "nmr" in data.tags
+    assert "| car (02958343) | 3 | 0 |" in card.text and "| chair (03001627) | 2 | 1 |" in card.text
+    assert "| **all** | **5** | **1** |" in card.text and "(6 in all)" in card.text and "`masks`" in card.text and "(24, 8, 8, 3)" in card.text
+    assert 'load_dataset("someone/nmr-8px", split="train")' in card.text
