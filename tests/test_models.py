@@ -14,7 +14,14 @@ def tiny_inputs(batch=2, size=16):
     return sample, rays, z
 
 
-@pytest.mark.parametrize("model_class, config", [(SODAEncoder, TINY_ENCODER), (SODAUNet2DModel, TINY_UNET)])
+@pytest.mark.parametrize(
+    "model_class, config",
+    [
+        (SODAEncoder, TINY_ENCODER),
+        (SODAEncoder, dict(TINY_ENCODER, pooling="flatten", latent_norm="batch")),
+        (SODAUNet2DModel, TINY_UNET),
+    ],
+)
 def test_save_and_load_round_trip_config_and_weights(tmp_path, model_class, config):
     model = randomize_(model_class(**config)).eval()
     model.save_pretrained(tmp_path)
@@ -118,6 +125,39 @@ def test_encoder_fuses_several_views_and_needs_their_rays():
         torch.testing.assert_close(encoder(views[:, 0]), encoder(views[:, 0], rays[:, 0]), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="source_rays"):
         encoder(views)
+
+
+def test_flatten_pooling_sees_where_the_object_is():
+    # The same small blob at two places: global average pooling can hardly tell them apart (only the
+    # convolutions' borders differ), flattening keeps where it is.
+    left, right = torch.ones(1, 3, 16, 16), torch.ones(1, 3, 16, 16)
+    left[..., 2:6, 2:6], right[..., 10:14, 10:14] = -1, -1
+    views = torch.cat([left, right])
+    latents = {}
+    for pooling in ("mean", "flatten"):
+        encoder = randomize_(SODAEncoder(**TINY_ENCODER, pooling=pooling, use_source_rays=False)).eval()
+        with torch.no_grad():
+            latents[pooling] = encoder(views)
+    def spread(z):
+        return ((z[0] - z[1]).norm() / z.norm(dim=1).mean()).item()
+
+    assert spread(latents["flatten"]) > 3 * spread(latents["mean"])
+    with pytest.raises(ValueError, match="pooling"):
+        SODAEncoder(**TINY_ENCODER, pooling="max")
+
+
+def test_batch_latent_norm_standardises_each_latent_dimension():
+    encoder = randomize_(SODAEncoder(**TINY_ENCODER, latent_norm="batch")).train()
+    views = torch.rand(8, 3, 16, 16) * 2 - 1
+    z = encoder(views)
+    torch.testing.assert_close(z.mean(dim=0), torch.zeros(z.shape[1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.var(dim=0, unbiased=False), torch.ones(z.shape[1]), atol=2e-3, rtol=0)
+    # In eval mode a batch norm uses its running statistics: one view alone gets the same latent.
+    encoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(views[:1]), encoder(views)[:1])
+    with pytest.raises(ValueError, match="latent_norm"):
+        SODAEncoder(**TINY_ENCODER, latent_norm="group")
 
 
 def test_gradients_reach_the_encoder_through_z():

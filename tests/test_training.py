@@ -111,6 +111,27 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(syntheti
     assert not (tmp_path / "model_index.json").exists()
 
 
+def test_ema_encoder_gets_batch_norm_statistics_of_its_own_weights():
+    from conftest import TINY_ENCODER, randomize_
+
+    from soda_diffusers import SODAEncoder
+
+    train = load_script()
+    encoder = randomize_(SODAEncoder(**TINY_ENCODER, latent_norm="batch"), 3)
+    encoder.latent_batch_norm.running_mean.fill_(5.0)  # statistics of other weights
+    batches = [torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(3)]
+    train.recalibrate_batch_norms(encoder, batches, "cpu")
+    assert not encoder.training and encoder.latent_batch_norm.momentum == 0.1
+    raw = []  # the latents before the norm
+    hook = encoder.proj_out.register_forward_hook(lambda module, inputs, output: raw.append(output))
+    with torch.no_grad():
+        z = torch.cat([encoder(b) for b in batches])
+    hook.remove()
+    raw = torch.cat(raw)
+    torch.testing.assert_close(encoder.latent_batch_norm.running_mean, raw.mean(0), atol=1e-5, rtol=1e-5)
+    assert z.mean(0).abs().max() < 1e-4
+
+
 def test_bad_flags_and_missing_checkpoints_are_reported(synthetic, tmp_path):
     train = load_script()
     with pytest.raises(FileNotFoundError, match="no-such-config"):

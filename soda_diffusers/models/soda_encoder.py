@@ -33,6 +33,15 @@ class SODAEncoder(ModelMixin, ConfigMixin):
         ray_encoding, ray_sinusoidal_bands, ray_fourier_features, ray_fourier_scale: see
             :class:`~soda_diffusers.ray_encoding.RayEncoding`.
         fov_deg: field of view of the canonical rays used when no ``source_rays`` are given.
+        pooling: how the last feature map becomes ``z``: ``"mean"`` (global average, as a ResNet
+            classifier) or ``"flatten"`` (every position keeps its own weights: on a small object in a
+            large white frame the mean washes out where the object is and what its outline is).
+        latent_norm: ``"batch"`` standardises each latent dimension over the batch (running statistics
+            in eval mode), ``"none"`` leaves ``z`` as it is. A freshly initialised encoder gives nearly
+            the same ``z`` for every object (their differences are a few percent of a large shared
+            part, which normalising each latent on its own keeps), so the U-Net first learns to ignore
+            ``z`` and the encoder gets little signal; batch standardisation keeps only the differences
+            between objects, at unit scale, from the first step.
     """
 
     _supports_gradient_checkpointing = True
@@ -52,6 +61,8 @@ class SODAEncoder(ModelMixin, ConfigMixin):
         ray_fourier_features: int = 16,
         ray_fourier_scale: float = 1.0,
         fov_deg: float = 30.0,
+        pooling: str = "mean",
+        latent_norm: str = "none",
     ):
         super().__init__()
         ray_channels = 0
@@ -79,7 +90,14 @@ class SODAEncoder(ModelMixin, ConfigMixin):
             stages.append(_Stage(layers))
         self.stages = nn.ModuleList(stages)
         self.norm_out = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
-        self.proj_out = nn.Linear(channels, latent_dim)
+        if pooling not in ("mean", "flatten"):
+            raise ValueError(f"pooling: expected 'mean' or 'flatten', got {pooling!r}")
+        final_size = sample_size // 2 ** (len(block_out_channels) - 1)
+        self.proj_out = nn.Linear(channels * (final_size**2 if pooling == "flatten" else 1), latent_dim)
+        if latent_norm not in ("none", "batch"):
+            raise ValueError(f"latent_norm: expected 'none' or 'batch', got {latent_norm!r}")
+        if latent_norm == "batch":
+            self.latent_batch_norm = nn.BatchNorm1d(latent_dim, affine=False)
 
     def forward(self, source_image: torch.Tensor, source_rays: torch.Tensor | None = None) -> torch.Tensor:
         """``source_image`` ``(B, 3, H, W)`` or ``(B, k, 3, H, W)`` in [-1, 1], ``source_rays`` of the same
@@ -116,8 +134,10 @@ class SODAEncoder(ModelMixin, ConfigMixin):
         h = self.conv_in(x)
         for stage in self.stages:
             h = stage(h)
-        h = nn.functional.silu(self.norm_out(h)).mean(dim=(2, 3))
-        z = self.proj_out(h)
+        h = nn.functional.silu(self.norm_out(h))
+        z = self.proj_out(h.flatten(1) if config.pooling == "flatten" else h.mean(dim=(2, 3)))
+        if config.latent_norm == "batch":
+            z = self.latent_batch_norm(z)
         return z.view(batch, views, -1).mean(dim=1)
 
 
