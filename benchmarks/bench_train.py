@@ -35,7 +35,9 @@ def bench_config(config: str, steps: int, warmup: int, batch: int | None, data: 
         # The GPU configs name the real NMR zip; on this machine they train on the synthetic data.
         command += ["--data", data] if data else ["--data", ""]
         start = time.monotonic()
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode:
+            raise SystemExit(f"{config}: training failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
         total = time.monotonic() - start
         log = [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
         config_used = json.loads((Path(out) / "train_config.json").read_text())

@@ -9,6 +9,7 @@ import torch
 from diffusers import ConfigMixin, DDIMScheduler, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from torch import nn
 
 from soda_diffusers import SODAEncoder, SODANovelViewPipeline, SODAUNet2DModel, scheduler_config
 
@@ -88,3 +89,16 @@ def oracle_pipeline(scheduler, clean: torch.Tensor) -> SODANovelViewPipeline:
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR of images in [0, 1]."""
     return float(10 * torch.log10(1 / ((a - b) ** 2).mean()))
+
+
+class TinyFeatures(nn.Module):
+    """A random two-stage conv net standing in for VGG16 in LPIPS."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        h1 = self.stage1(x)
+        return [h1, self.stage2(h1)]

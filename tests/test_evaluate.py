@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import make_tiny_pipeline
+from conftest import TinyFeatures, make_tiny_pipeline
 from torch import nn
 
 from soda_diffusers import orbit_rays
@@ -49,19 +49,6 @@ def saved_pipeline(tmp_path_factory):
     path = tmp_path_factory.mktemp("pipeline")
     make_tiny_pipeline().save_pretrained(path)
     return path
-
-
-class TinyFeatures(nn.Module):
-    """A random two-stage conv net standing in for VGG16 in LPIPS."""
-
-    def __init__(self):
-        super().__init__()
-        self.stage1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
-        self.stage2 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
-
-    def forward(self, x):
-        h1 = self.stage1(x)
-        return [h1, self.stage2(h1)]
 
 
 def tiny_lpips() -> LPIPS:

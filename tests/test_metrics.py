@@ -5,6 +5,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import TinyFeatures
 from scipy import ndimage
 from torch import nn
 
@@ -97,19 +98,6 @@ def test_ssim_of_identical_images_is_one():
 
 
 # ------------------------------------------------------------------------------------ LPIPS
-
-
-class TinyFeatures(nn.Module):
-    """A random two-stage conv net standing in for VGG16."""
-
-    def __init__(self):
-        super().__init__()
-        self.stage1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
-        self.stage2 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
-
-    def forward(self, x):
-        h1 = self.stage1(x)
-        return [h1, self.stage2(h1)]
 
 
 def random_lin_state_dict(channels, generator) -> dict:
