@@ -36,9 +36,14 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def make_tiny_pipeline(prediction_type: str = "epsilon", schedule: str = "inverted_cosine") -> SODANovelViewPipeline:
+def make_tiny_pipeline(
+    prediction_type: str = "epsilon", schedule: str = "inverted_cosine", **encoder_overrides
+) -> SODANovelViewPipeline:
     torch.manual_seed(0)
-    encoder = randomize_(SODAEncoder(**TINY_ENCODER), 1).eval()
+    encoder = randomize_(SODAEncoder(**{**TINY_ENCODER, **encoder_overrides}), 1).eval()
+    if encoder.config.latent_norm == "batch":  # statistics that matter, as after training
+        encoder.latent_batch_norm.running_mean.normal_(0, 0.1, generator=torch.Generator().manual_seed(4))
+        encoder.latent_batch_norm.running_var.uniform_(0.01, 0.1, generator=torch.Generator().manual_seed(5))
     unet = randomize_(SODAUNet2DModel(**TINY_UNET), 2).eval()
     scheduler = DDIMScheduler.from_config(scheduler_config(schedule, prediction_type))
     pipe = SODANovelViewPipeline(encoder=encoder, unet=unet, scheduler=scheduler)

@@ -168,7 +168,8 @@ def refuse_network():
 def exported(tmp_path_factory):
     """A tiny trained-looking run folder, pushed with --dry-run, and the reference images."""
     root = tmp_path_factory.mktemp("hub")
-    pipe = make_tiny_pipeline()
+    # The quickstart's encoder options (flatten pooling, batch-norm statistics) must travel too.
+    pipe = make_tiny_pipeline(pooling="flatten", latent_norm="batch")
     run_dir = root / "run"
     pipe.save_pretrained(run_dir)
     (run_dir / "train_summary.json").write_text(json.dumps(TRAIN_SUMMARY))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -153,6 +154,35 @@ def test_two_processes_stay_in_sync_and_only_rank_zero_writes(synthetic, tmp_pat
     assert first == pytest.approx(second, rel=1e-6)
     steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_push_to_hub_flag_uploads_the_run_and_a_failed_upload_keeps_it(synthetic, tmp_path, monkeypatch, capsys):
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    train = load_script()
+    uploads = []
+
+    def upload_folder(**kwargs):
+        folder = Path(kwargs["folder_path"])
+        uploads.append({p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()})
+        if len(uploads) == 2:
+            raise OfflineModeIsEnabled("Cannot reach https://huggingface.co")
+        return SimpleNamespace(commit_url="https://huggingface.co/someone/tiny/commit/1")
+
+    monkeypatch.setattr("soda_diffusers.hub.create_repo", lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr("soda_diffusers.hub.upload_folder", upload_folder)
+    with pytest.raises(ValueError, match="hub_model_id"):
+        train.main(train_flags(synthetic, tmp_path / "no-id", steps=2, push_to_hub="true"))
+    assert not (tmp_path / "no-id").exists()
+
+    flags = dict(steps=2, push_to_hub="true", hub_model_id="someone/tiny")
+    assert train.main(train_flags(synthetic, tmp_path / "run", **flags)) == 0
+    assert {"README.md", "model_index.json", "train_summary.json", "unet/diffusion_pytorch_model.safetensors"} <= uploads[0]
+    assert "uploaded to the Hub" in capsys.readouterr().out
+
+    assert train.main(train_flags(synthetic, tmp_path / "offline", **flags)) == 4
+    assert "soda-nvs push --pipeline" in capsys.readouterr().out
+    assert (tmp_path / "offline" / "model_index.json").is_file()
 
 
 def test_quickstart_writes_the_report_files(synthetic, tmp_path):

@@ -254,6 +254,8 @@ def diffusion_loss(encoder, unet, noise_scheduler, batch, generator, snr_gamma=N
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (user/repo)")  # before training, not after
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     output_dir = Path(args.output_dir)
@@ -454,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"saved the {'EMA ' if ema_models else ''}pipeline to {output_dir}")
         if args.push_to_hub:
-            push_pipeline(final, output_dir, args)
+            exit_code = push_pipeline(final, output_dir, args)
     accelerator.end_training()
     return exit_code
 
@@ -567,10 +569,18 @@ def write_samples(accelerator, pipe, ema_models, encoder, unet, calibration_samp
             tracker.writer.add_image("samples (source / target / generated)", np.asarray(grid), step, dataformats="HWC")
 
 
-def push_pipeline(pipe, output_dir: Path, args) -> None:
-    if not args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id (user/repo)")
-    pipe.push_to_hub(args.hub_model_id, private=args.hub_private or None, training_dir=output_dir)
+def push_pipeline(pipe, output_dir: Path, args) -> int:
+    """Upload the final pipeline with its card; a failed upload keeps the run (exit code 4)."""
+    from soda_diffusers.hub import HubUploadError
+
+    try:
+        commit = pipe.push_to_hub(args.hub_model_id, private=args.hub_private or None, training_dir=output_dir)
+    except HubUploadError as error:
+        print(f"error: {error}\nThe trained pipeline is saved in {output_dir}; upload it later with "
+              f"soda-nvs push --pipeline {output_dir} --repo-id {args.hub_model_id}")
+        return 4
+    print(f"uploaded to the Hub: {commit.commit_url}")
+    return 0
 
 
 if __name__ == "__main__":
