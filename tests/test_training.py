@@ -196,7 +196,7 @@ def test_quickstart_writes_the_report_files(synthetic, tmp_path):
     result = json.loads((out / "quickstart.json").read_text())
     assert set(result) >= {"model", "copy_source", "mean_image", "other_source", "objects", "train_steps", "train_seconds"}
     assert result["objects"] == 2 and result["train_steps"] == 3
-    for key in ("model", "copy_source", "mean_image", "other_source"):
+    for key in ("model", "copy_source", "mean_image", "other_source", "one_step"):
         assert 0 < result[key]["psnr"] < 100 and -1 <= result[key]["ssim"] <= 1
     assert (out / "loss.png").is_file() and (out / "report.md").is_file()
     assert len(list((out / "samples").glob("*-orbit.gif"))) == 2
