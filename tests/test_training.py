@@ -145,7 +145,7 @@ def test_two_processes_stay_in_sync_and_only_rank_zero_writes(synthetic, tmp_pat
     # torchrun starts the two CPU processes (gloo); Accelerate picks the distributed setup up from it.
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(SCRIPT),
                *train_flags(synthetic, tmp_path, steps=3)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "train_summary.json").read_text())

@@ -458,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.push_to_hub:
             exit_code = push_pipeline(final, output_dir, args)
     accelerator.end_training()
+    if torch.distributed.is_initialized():
+        # Ranks leave together and close the group: a gloo rank whose peer had already exited could
+        # hang at interpreter exit (seen once in a few runs of the 2-process test).
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
     return exit_code
 
 
