@@ -239,8 +239,6 @@ def run_nvs(
             for index, obj in zip(batch_indices, batch):
                 source_view = source_views[index]
                 views = target_views(source_view, obj["images"].shape[0])
-                if source_view in views or len(views) != obj["images"].shape[0] - 1:
-                    raise RuntimeError(f"{obj['object_id']}: source view {source_view} among targets {views}")
                 views_of.append(views)
                 sources.append(obj["images"][source_view].expand(len(views), -1, -1, -1))
                 rays.append(object_target_rays(obj, source_view, size))

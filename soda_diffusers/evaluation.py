@@ -53,9 +53,8 @@ def generate_views(
     ``source_images`` holds one source ``(3, H, W)`` for all targets or one per target
     ``(N, 3, H, W)``; each target gets its own generator (``seed + i``), so a target's image does
     not depend on what else is in the batch."""
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(target_rays.shape[0])]
-    images = pipe(source_images, target_rays, generator=generators, output_type="pt", **pipe_kwargs).images
-    return images.cpu() * 2 - 1
+    seeds = range(seed, seed + target_rays.shape[0])
+    return generate_views_per_seed(pipe, source_images, target_rays, seeds, **pipe_kwargs)
 
 
 def view_scores(generated: torch.Tensor, targets: torch.Tensor) -> dict[str, list[float]]:

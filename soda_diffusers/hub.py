@@ -334,12 +334,6 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copytree(source, target)
 
 
-def load_pipeline(pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DiffusionPipeline:
-    """``SODANovelViewPipeline.from_pretrained`` for any saved or exported pipeline folder or repo."""
-    with package_layout(pretrained_model_name_or_path, **kwargs) as path:
-        return soda_diffusers.SODANovelViewPipeline.from_pretrained(path, **kwargs)
-
-
 # --------------------------------------------------------------------------------------------------
 # Model card
 
@@ -558,7 +552,7 @@ def render_model_card(
     if not Path(template_path).is_file():
         raise FileNotFoundError(f"model card template: no file {template_path}")
     folder = None if isinstance(pipe_or_dir, DiffusionPipeline) else Path(pipe_or_dir)
-    pipe = pipe_or_dir if folder is None else load_pipeline(folder)
+    pipe = pipe_or_dir if folder is None else soda_diffusers.SODANovelViewPipeline.from_pretrained(folder)
     if folder is not None:
         training_dir = training_dir or folder
         metrics = metrics if metrics is not None else (folder / METRICS_FILE if (folder / METRICS_FILE).is_file() else None)
@@ -621,7 +615,7 @@ def export_for_hub(
     else:
         if not (Path(pipe_or_dir) / "model_index.json").is_file():
             raise FileNotFoundError(f"pipeline: no model_index.json in {pipe_or_dir} (a save_pretrained folder)")
-        pipe = load_pipeline(pipe_or_dir)
+        pipe = soda_diffusers.SODANovelViewPipeline.from_pretrained(pipe_or_dir)
         training_dir = training_dir or pipe_or_dir
     if training_dir is not None:
         training_dir = Path(training_dir)
