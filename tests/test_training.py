@@ -141,6 +141,19 @@ def test_bad_flags_and_missing_checkpoints_are_reported(synthetic, tmp_path):
         train.main(train_flags(synthetic, tmp_path, resume_from_checkpoint=tmp_path / "nowhere"))
 
 
+def test_schedule_flags_reach_the_saved_pipeline(synthetic, tmp_path):
+    # The sampler exported with the model must use the noise schedule and prediction type it was trained with.
+    from soda_diffusers.schedules import schedule_name
+
+    train = load_script()
+    flags = train_flags(synthetic, tmp_path, steps=2, prediction_type="epsilon", noise_schedule="inverted_cosine")
+    assert train.main(flags) == 0
+    config = SODANovelViewPipeline.from_pretrained(tmp_path).scheduler.config
+    assert config.prediction_type == "epsilon" and schedule_name(config) == "inverted_cosine"
+    with pytest.raises(ValueError, match="schedule: expected one of"):
+        train.main(train_flags(synthetic, tmp_path / "bad", noise_schedule="sigmoid"))
+
+
 def test_two_processes_stay_in_sync_and_only_rank_zero_writes(synthetic, tmp_path):
     # torchrun starts the two CPU processes (gloo); Accelerate picks the distributed setup up from it.
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(SCRIPT),

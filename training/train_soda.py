@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from soda_diffusers import SODAEncoder, SODANovelViewPipeline
 from soda_diffusers.data import NMRObjects, batch_rays, default_synthetic_dataset
+from soda_diffusers.schedules import scheduler_config
 from soda_diffusers.visualize import make_grid
 
 logger = get_logger(__name__)
@@ -52,6 +53,7 @@ DEFAULTS = {
     "encoder": {},
     "unet": {},
     "prediction_type": None,
+    "noise_schedule": None,
     "output_dir": "outputs/soda",
     "train_batch_size": 32,
     "max_train_steps": 1000,
@@ -124,6 +126,18 @@ def _parse_bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_pipeline(args) -> SODANovelViewPipeline:
+    """The untrained pipeline: the preset with the config's overrides. The noise schedule and
+    prediction type go into the pipeline's own scheduler, so the exported sampler matches training."""
+    scheduler = {}
+    if args.noise_schedule:
+        schedule = scheduler_config(args.noise_schedule)
+        scheduler.update(beta_schedule=schedule["beta_schedule"], trained_betas=schedule["trained_betas"])
+    if args.prediction_type:
+        scheduler["prediction_type"] = args.prediction_type
+    return SODANovelViewPipeline.from_preset(args.preset, encoder=args.encoder, unet=args.unet, scheduler=scheduler)
 
 
 class ViewPairSampler:
@@ -277,11 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         print("tensorboard is not installed: logging to train_log.jsonl only (pip install tensorboard)")
     set_seed(args.seed)
 
-    pipe = SODANovelViewPipeline.from_preset(args.preset, encoder=args.encoder, unet=args.unet)
-    scheduler_config = dict(pipe.scheduler.config)
-    if args.prediction_type:
-        scheduler_config["prediction_type"] = args.prediction_type
-    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+    pipe = build_pipeline(args)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     encoder, unet = pipe.encoder.train(), pipe.unet.train()
     image_size = unet.config.sample_size
     if args.gradient_checkpointing:
@@ -478,7 +489,7 @@ def describe_hardware(accelerator) -> str:
 def measure_step_seconds(args, steps: int = 5, warmup: int = 3) -> float:
     """Seconds per training step of this config on this machine (random data, weights discarded):
     lets a time budget become a step count that the LR schedule can plan for."""
-    pipe = SODANovelViewPipeline.from_preset(args.preset, encoder=args.encoder, unet=args.unet)
+    pipe = build_pipeline(args)
     encoder, unet = pipe.encoder.train(), pipe.unet.train()
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     size = unet.config.sample_size
