@@ -82,6 +82,8 @@ def test_a_killed_run_resumes_exactly(synthetic, tmp_path):
 
     assert train.main(train_flags(synthetic, interrupted, resume_from_checkpoint="latest")) == 0
     assert losses(interrupted) == losses(tmp_path / "straight")
+    log = [json.loads(line) for line in (tmp_path / "straight" / "train_log.jsonl").read_text().splitlines()]
+    assert all(record["grad_norm"] > 0 for record in log)  # logged before clipping, every step
     for component in ("encoder", "unet"):
         a = load_file(tmp_path / "straight" / component / "diffusion_pytorch_model.safetensors")
         b = load_file(interrupted / component / "diffusion_pytorch_model.safetensors")
@@ -152,6 +154,32 @@ def test_schedule_flags_reach_the_saved_pipeline(synthetic, tmp_path):
     assert config.prediction_type == "epsilon" and schedule_name(config) == "inverted_cosine"
     with pytest.raises(ValueError, match="schedule: expected one of"):
         train.main(train_flags(synthetic, tmp_path / "bad", noise_schedule="sigmoid"))
+
+
+def test_timestep_bias_weights_and_draws():
+    train = load_script()
+    def flags(**values):
+        return train.parse_args([f"--{k}={v}" for k, v in values.items()])
+
+    assert train.timestep_weights(flags(), 1000) is None
+    weights = train.timestep_weights(flags(timestep_bias_strategy="later", timestep_bias_multiplier=3,
+                                           timestep_bias_portion=0.5), 1000)
+    assert weights.sum().item() == pytest.approx(1.0)
+    assert weights[500:].sum().item() == pytest.approx(0.75)
+    assert weights[:500].unique().numel() == 1 and weights[500:].unique().numel() == 1
+    in_range = train.timestep_weights(flags(timestep_bias_strategy="range", timestep_bias_begin=100,
+                                            timestep_bias_end=200, timestep_bias_multiplier=10), 1000)
+    assert in_range[100:200].sum().item() == pytest.approx(1000 / 1900)
+    # The draws follow the weights: three quarters land in the biased half.
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.multinomial(weights, 20000, replacement=True, generator=generator)
+    assert 0.73 < (draws >= 500).float().mean().item() < 0.77
+    for bad, match in [(dict(timestep_bias_strategy="latest"), "strategy"),
+                       (dict(timestep_bias_strategy="later", timestep_bias_portion=0), "portion"),
+                       (dict(timestep_bias_strategy="later", timestep_bias_multiplier=0), "multiplier"),
+                       (dict(timestep_bias_strategy="range", timestep_bias_begin=500, timestep_bias_end=400), "begin")]:
+        with pytest.raises(ValueError, match=match):
+            train.timestep_weights(flags(**bad), 1000)
 
 
 def test_two_processes_stay_in_sync_and_only_rank_zero_writes(synthetic, tmp_path):

@@ -67,6 +67,11 @@ DEFAULTS = {
     "lr_scheduler": "cosine",
     "lr_warmup_steps": 100,
     "snr_gamma": None,
+    "timestep_bias_strategy": "none",
+    "timestep_bias_multiplier": 1.0,
+    "timestep_bias_portion": 0.25,
+    "timestep_bias_begin": 0,
+    "timestep_bias_end": 1000,
     "use_ema": True,
     "ema_decay": 0.999,
     "ema_power": 0.75,
@@ -242,12 +247,43 @@ def training_target(noise_scheduler, clean, noise, timesteps):
     return clean
 
 
-def diffusion_loss(encoder, unet, noise_scheduler, batch, generator, snr_gamma=None):
-    """Denoising loss of one batch; timesteps and noise drawn from ``generator``."""
+def timestep_weights(args, num_timesteps: int) -> torch.Tensor | None:
+    """Sampling weights of the training timesteps, as the Diffusers SDXL example's ``--timestep_bias_*``
+    flags set them: ``later`` (``earlier``) multiplies the weight of the noisiest (least noisy)
+    ``portion`` of the timesteps, ``range`` that of ``[begin, end)``. None: uniform."""
+    strategy, portion = args.timestep_bias_strategy, args.timestep_bias_portion
+    begin, end = args.timestep_bias_begin, args.timestep_bias_end
+    if strategy not in ("none", "earlier", "later", "range"):
+        raise ValueError(f"--timestep_bias_strategy: expected none, earlier, later or range, got {strategy!r}")
+    if strategy == "none":
+        return None
+    if args.timestep_bias_multiplier <= 0:
+        raise ValueError(f"--timestep_bias_multiplier: expected > 0, got {args.timestep_bias_multiplier}")
+    if strategy == "range":
+        if not 0 <= begin < end <= num_timesteps:
+            raise ValueError(
+                f"--timestep_bias_begin/--timestep_bias_end: expected 0 <= begin < end <= {num_timesteps}, "
+                f"got {begin}, {end}"
+            )
+    elif not 0 < portion <= 1:
+        raise ValueError(f"--timestep_bias_portion: expected a fraction in (0, 1], got {portion}")
+    else:
+        count = int(portion * num_timesteps)
+        begin, end = (num_timesteps - count, num_timesteps) if strategy == "later" else (0, count)
+    weights = torch.ones(num_timesteps)
+    weights[begin:end] *= args.timestep_bias_multiplier
+    return weights / weights.sum()
+
+
+def diffusion_loss(encoder, unet, noise_scheduler, batch, generator, snr_gamma=None, timestep_weights=None):
+    """Denoising loss of one batch; timesteps (uniform, or drawn with ``timestep_weights``) and noise
+    drawn from ``generator``."""
     clean = batch["target_image"]
-    timesteps = torch.randint(
-        noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator
-    ).to(clean.device)
+    if timestep_weights is None:
+        timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator)
+    else:
+        timesteps = torch.multinomial(timestep_weights, clean.shape[0], replacement=True, generator=generator)
+    timesteps = timesteps.to(clean.device)
     noise = torch.randn(clean.shape, generator=generator).to(clean.device, clean.dtype)
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
     z = encoder(batch["source_image"])
@@ -293,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = build_pipeline(args)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    bias_weights = timestep_weights(args, noise_scheduler.config.num_train_timesteps)
     encoder, unet = pipe.encoder.train(), pipe.unet.train()
     image_size = unet.config.sample_size
     if args.gradient_checkpointing:
@@ -399,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder.train()
         unet.train()
         with accelerator.autocast():
-            loss = diffusion_loss(encoder, unet, noise_scheduler, batch, generator, args.snr_gamma)
+            loss = diffusion_loss(encoder, unet, noise_scheduler, batch, generator, args.snr_gamma, bias_weights)
         finite = accelerator.gather(torch.isfinite(loss.detach()).float()[None]).min() > 0
         if not finite:
             last = checkpoint_dirs(output_dir)
@@ -411,8 +448,9 @@ def main(argv: list[str] | None = None) -> int:
             exit_code = 3
             break
         accelerator.backward(loss)
+        grad_norm = None
         if accelerator.sync_gradients and args.max_grad_norm:
-            accelerator.clip_grad_norm_([*encoder.parameters(), *unet.parameters()], args.max_grad_norm)
+            grad_norm = accelerator.clip_grad_norm_([*encoder.parameters(), *unet.parameters()], args.max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -429,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
             "samples_per_s": args.train_batch_size * accelerator.num_processes / (time.monotonic() - step_start),
             "data_s": data_seconds,
         }
+        if grad_norm is not None:
+            logs["grad_norm"] = float(grad_norm)
         if completed % args.validation_steps == 0 or completed == args.max_train_steps:
             logs["val_loss"] = validation_loss(encoder, unet, noise_scheduler, val_batch, accelerator)
             if accelerator.is_main_process:
