@@ -27,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     budget.add_argument("--steps", type=int, default=None, help="train for exactly this many steps instead")
     parser.add_argument("--data", help="an NMR-format folder, zip or Arrow directory (default: built-in synthetic)")
     parser.add_argument("--config", default="synthetic-tiny", help="training config (default synthetic-tiny)")
-    # All 39 held-out synthetic objects by default: which 16 of them are drawn moves the copy-the-source
-    # baseline alone between 18.5 and 21.4 dB. The cap keeps a real NMR test split (8,762) in minutes.
+    # All 39 held-out synthetic objects by default: two draws of 16 of them put the copy-the-source
+    # baseline alone at 18.5 and 21.4 dB. The cap keeps a real NMR test split (8,762) in minutes.
     parser.add_argument("--objects", type=int, default=64, help="held-out objects to evaluate (default 64, or all if fewer)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-args", default="", help="extra flags for training/train_soda.py, quoted")
