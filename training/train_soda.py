@@ -275,14 +275,14 @@ def timestep_weights(args, num_timesteps: int) -> torch.Tensor | None:
     return weights / weights.sum()
 
 
-def diffusion_loss(encoder, unet, noise_scheduler, batch, generator, snr_gamma=None, timestep_weights=None):
-    """Denoising loss of one batch; timesteps (uniform, or drawn with ``timestep_weights``) and noise
-    drawn from ``generator``."""
+def diffusion_loss(encoder, unet, noise_scheduler, batch, generator, snr_gamma=None, timestep_probs=None):
+    """Denoising loss of one batch; timesteps (uniform, or drawn with probabilities ``timestep_probs``)
+    and noise drawn from ``generator``."""
     clean = batch["target_image"]
-    if timestep_weights is None:
+    if timestep_probs is None:
         timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator)
     else:
-        timesteps = torch.multinomial(timestep_weights, clean.shape[0], replacement=True, generator=generator)
+        timesteps = torch.multinomial(timestep_probs, clean.shape[0], replacement=True, generator=generator)
     timesteps = timesteps.to(clean.device)
     noise = torch.randn(clean.shape, generator=generator).to(clean.device, clean.dtype)
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
