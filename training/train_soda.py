@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = build_pipeline(args)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    bias_weights = timestep_weights(args, noise_scheduler.config.num_train_timesteps)
+    timestep_probs = timestep_weights(args, noise_scheduler.config.num_train_timesteps)
     encoder, unet = pipe.encoder.train(), pipe.unet.train()
     image_size = unet.config.sample_size
     if args.gradient_checkpointing:
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         encoder.train()
         unet.train()
         with accelerator.autocast():
-            loss = diffusion_loss(encoder, unet, noise_scheduler, batch, generator, args.snr_gamma, bias_weights)
+            loss = diffusion_loss(encoder, unet, noise_scheduler, batch, generator, args.snr_gamma, timestep_probs)
         finite = accelerator.gather(torch.isfinite(loss.detach()).float()[None]).min() > 0
         if not finite:
             last = checkpoint_dirs(output_dir)
