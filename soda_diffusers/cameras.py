@@ -104,36 +104,39 @@ def view_matrices(cameras: Mapping, view: int) -> tuple[np.ndarray, np.ndarray]:
     return world_mat, world_mat_inv @ camera_mat_inv
 
 
-def pixel_grid(size: int) -> np.ndarray:
-    """Homogeneous directions ``[x, y, 1, 0]`` of every pixel centre, ``(4, size, size)``."""
-    coords = np.linspace(-1.0, 1.0, size)
-    y, x = np.meshgrid(coords, coords, indexing="ij")
-    return np.stack([x, y, np.ones_like(x), np.zeros_like(x)])
+def camera_rays(source_world_mats, unprojections, size: int) -> torch.Tensor:
+    """Rays ``(B, 6, size, size)`` of views given by ``unprojections`` ``(B, 4, 4)``
+    (``world_mat_inv @ camera_mat_inv``), each expressed in the frame that its ``source_world_mats``
+    ``(B, 4, 4)`` (world -> source camera) maps to. Tensors or arrays, on any device.
 
-
-def rays_from_matrices(
-    source_world_mat: np.ndarray, unprojections: Sequence[np.ndarray], size: int
-) -> torch.Tensor:
-    """Rays ``(N, 6, size, size)`` of views given by ``world_mat_inv @ camera_mat_inv`` matrices,
-    expressed in the frame that ``source_world_mat`` maps to."""
-    grid = pixel_grid(size).reshape(4, -1)
-    rays = []
-    for unprojection in unprojections:
-        directions = source_world_mat[:3, :3] @ (unprojection @ grid)[:3]
-        directions /= np.linalg.norm(directions, axis=0, keepdims=True)
-        # The camera centre is the unprojection of the homogeneous point (0, 0, 0, 1).
-        origin = source_world_mat @ unprojection[:, 3]
-        origins = np.broadcast_to(origin[:3, None] / origin[3], directions.shape)
-        rays.append(np.concatenate([origins, directions]).reshape(6, size, size))
-    return torch.from_numpy(np.stack(rays)).float()
+    The one ray function of the package: training batches, evaluation, :func:`nmr_rays` and
+    :func:`orbit_rays` all come through here. It computes in float64 and returns float32, so the
+    same cameras give the same rays whichever path asks."""
+    source_world_mats = torch.as_tensor(source_world_mats).to(torch.float64)
+    unprojections = torch.as_tensor(unprojections).to(torch.float64)
+    if source_world_mats.shape[-2:] != (4, 4) or unprojections.shape[-2:] != (4, 4):
+        raise ValueError(
+            f"camera_rays: expected (B, 4, 4) matrices, got {tuple(source_world_mats.shape)} and "
+            f"{tuple(unprojections.shape)}"
+        )
+    coords = torch.linspace(-1.0, 1.0, size, dtype=torch.float64, device=unprojections.device)
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    grid = torch.stack([x, y, torch.ones_like(x), torch.zeros_like(x)]).reshape(4, -1)
+    directions = source_world_mats[:, :3, :3] @ (unprojections @ grid)[:, :3]
+    directions = directions / directions.norm(dim=1, keepdim=True)
+    # The camera centre is the unprojection of the homogeneous point (0, 0, 0, 1).
+    centres = source_world_mats @ unprojections[:, :, 3:]
+    origins = centres[:, :3] / centres[:, 3:]
+    rays = torch.cat([origins.expand_as(directions), directions], dim=1)
+    return rays.reshape(-1, 6, size, size).float()
 
 
 def nmr_rays(cameras: Mapping, source_view: int, target_views: Sequence[int], size: int) -> torch.Tensor:
     """Rays ``(len(target_views), 6, size, size)`` of ``target_views`` of an NMR ``cameras.npz``
     mapping, in the frame of camera ``source_view``."""
     source_world_mat, _ = view_matrices(cameras, source_view)
-    unprojections = [view_matrices(cameras, int(view))[1] for view in target_views]
-    return rays_from_matrices(source_world_mat, unprojections, size)
+    unprojections = np.stack([view_matrices(cameras, int(view))[1] for view in target_views])
+    return camera_rays(torch.from_numpy(source_world_mat).expand(len(unprojections), 4, 4), unprojections, size)
 
 
 def orbit_rays(

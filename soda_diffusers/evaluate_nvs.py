@@ -447,7 +447,7 @@ def evaluate(
             results["fid"] = {"fid": None, "skipped": fid_skipped, "images": 0}
 
     if "nvs" in types or metric is not None:
-        test_objects = NMRObjects(data, split="test", image_size=size, view_list=view_list)
+        test_objects = NMRObjects(data, split="test", image_size=size, view_list=view_list, store=True)
         lpips_skipped = None
         if lpips_model is None:
             lpips_model, lpips_skipped = load_lpips()
@@ -479,8 +479,8 @@ def evaluate(
             results["fid"] = evaluate_fid(metric, test_objects, records, out_dir)
 
     if "probe" in types:
-        train_objects = NMRObjects(data, split="train", image_size=size)
-        probe_test = NMRObjects(data, split="test", image_size=size)
+        train_objects = NMRObjects(data, split="train", image_size=size, store=True)
+        probe_test = NMRObjects(data, split="test", image_size=size, store=True)
         results["probe"] = evaluate_probe(pipe, train_objects, probe_test, seed=seed, limit=limit, progress=progress)
 
     write_results(out_dir, results)

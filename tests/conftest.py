@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ from torch import nn
 from soda_diffusers import SODAEncoder, SODANovelViewPipeline, SODAUNet2DModel, scheduler_config
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# View stores and the synthetic data that tests build without naming a folder go to a fresh cache, not
+# the user's (training subprocesses inherit it).
+os.environ.setdefault("SODA_DIFFUSERS_CACHE", tempfile.mkdtemp(prefix="soda-diffusers-test-cache-"))
 
 TINY_SIZE = 16
 TINY_ENCODER = dict(

@@ -14,8 +14,9 @@ from soda_diffusers.data import (
     NMRDataset,
     NMRFormatError,
     NMRObjects,
+    StepBatches,
+    ViewStore,
     area_downsample_uint8,
-    batch_rays,
     convert_to_arrow,
     make_synthetic_nmr,
     push_dataset_to_hub,
@@ -151,26 +152,21 @@ def test_view_list_fixes_the_source(stores, tmp_path):
         NMRDataset(stores["folder"], split="test", view_list=view_list)
 
 
-def test_fast_path_matches_items(stores):
-    objects = NMRObjects(stores["arrow"], split="train", image_size=32)
-    arrays = objects.all_images_uint8()
-    images, world_mats, unprojections, labels = arrays
-    assert images.shape == (6, 24, 3, 32, 32) and images.dtype == torch.uint8
-    assert world_mats.shape == unprojections.shape == (6, 24, 4, 4)
-    assert labels.tolist() == objects.labels
-    assert torch.equal(images[4].float() / 127.5 - 1, objects[4]["images"])
-    folder_arrays = NMRObjects(stores["folder"], split="train", image_size=32).all_images_uint8()
-    for a, b in zip(arrays, folder_arrays):
-        assert torch.equal(a, b)
-    # Rays built in batch from the tensors agree with the items' rays.
+def test_training_batches_match_the_dataset_items(stores, tmp_path):
+    # The store (what training reads) holds what every storage decodes, and its batches are the
+    # dataset's items: the same images, the same rays from the one ray function.
+    arrow = ViewStore.open(stores["arrow"], "train", 32, cache_dir=tmp_path, progress=False)
+    folder = ViewStore.open(stores["folder"], "train", 32, cache_dir=tmp_path, progress=False)
+    assert arrow.images.shape == (6, 24, 3, 32, 32) and arrow.labels.tolist() == NMRObjects(stores["arrow"], "train").labels
+    for name in ("images", "world_mats", "unprojections"):
+        np.testing.assert_array_equal(getattr(arrow, name), getattr(folder, name))
     dataset = NMRDataset(stores["arrow"], image_size=32)
-    idx = [7, 60, 100]
-    items = [dataset[i] for i in idx]
-    obj = torch.tensor([i // 24 for i in idx])
-    source = torch.tensor([it["source_view"] for it in items])
-    target = torch.tensor([it["target_view"] for it in items])
-    rays = batch_rays(world_mats[obj, source], unprojections[obj, target], 32)
-    assert torch.allclose(rays, torch.stack([it["target_rays"] for it in items]), atol=1e-5)
+    items = [dataset[i] for i in (7, 60, 100)]
+    objects = torch.tensor([i // 24 for i in (7, 60, 100)])
+    views = torch.tensor([[item["source_view"], item["target_view"]] for item in items])
+    batch = StepBatches(arrow, 3, seed=0).pairs(objects, views)
+    for key in ("source_image", "target_image", "target_rays"):
+        torch.testing.assert_close(batch[key], torch.stack([item[key] for item in items]), atol=1e-6, rtol=0)
 
 
 def test_area_downsampling_is_the_block_mean():

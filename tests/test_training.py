@@ -67,8 +67,10 @@ def test_a_killed_run_resumes_exactly(synthetic, tmp_path):
     train = load_script()
     assert train.main(train_flags(synthetic, tmp_path / "straight")) == 0
 
+    # The interrupted and resumed runs read through two DataLoader workers: the same batches.
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, str(SCRIPT), *train_flags(synthetic, interrupted)],
+    workers = {"dataloader_num_workers": 2}
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *train_flags(synthetic, interrupted, **workers)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
     while not (interrupted / "checkpoint-2").exists() and process.poll() is None and time.monotonic() < deadline:
@@ -77,10 +79,10 @@ def test_a_killed_run_resumes_exactly(synthetic, tmp_path):
     output = process.communicate(timeout=240)[0]
     assert process.returncode in (0, 130), output
     if process.returncode == 130:
-        assert "SIGTERM: saved" in output
+        assert "SIGTERM on process 0: saved" in output
         assert not (interrupted / "model_index.json").exists()
 
-    assert train.main(train_flags(synthetic, interrupted, resume_from_checkpoint="latest")) == 0
+    assert train.main(train_flags(synthetic, interrupted, resume_from_checkpoint="latest", **workers)) == 0
     assert losses(interrupted) == losses(tmp_path / "straight")
     log = [json.loads(line) for line in (tmp_path / "straight" / "train_log.jsonl").read_text().splitlines()]
     assert all(record["grad_norm"] > 0 for record in log)  # logged before clipping, every step
@@ -195,6 +197,99 @@ def test_two_processes_stay_in_sync_and_only_rank_zero_writes(synthetic, tmp_pat
     assert first == pytest.approx(second, rel=1e-6)
     steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def launch_ranks(flags, world_size=2):
+    """The training script in ``world_size`` CPU processes (gloo), started directly rather than by torchrun,
+    so that a test can signal one rank and read each one's exit code."""
+    port = str(free_port())
+    processes = []
+    for rank in range(world_size):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "WORLD_SIZE": str(world_size), "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(world_size)}
+        processes.append(subprocess.Popen([sys.executable, str(SCRIPT), *flags], env=env, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    return processes
+
+
+def finish(processes, timeout=60):
+    outputs = [process.communicate(timeout=timeout)[0] for process in processes]
+    return [process.returncode for process in processes], outputs
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_exactly(synthetic, tmp_path):
+    flags = dict(steps=40, checkpointing_steps=1000, validation_steps=1000)
+    codes, outputs = finish(launch_ranks(train_flags(synthetic, tmp_path / "straight", **flags)))
+    assert codes == [0, 0], outputs
+
+    run = tmp_path / "interrupted"
+    processes = launch_ranks(train_flags(synthetic, run, **flags))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and all(p.poll() is None for p in processes):
+        if (run / "train_log.jsonl").is_file() and len((run / "train_log.jsonl").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGTERM)  # rank 1 only
+    codes, outputs = finish(processes)
+    assert codes == [130, 130], outputs
+    assert "SIGTERM on process 1: saved" in outputs[0]
+    checkpoints = [p.name for p in run.iterdir() if p.name.startswith("checkpoint-")]
+    assert len(checkpoints) == 1, checkpoints
+    stopped_at = int(checkpoints[0].split("-")[1])
+    assert 3 <= stopped_at < 40
+    assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()][-1] == stopped_at
+    assert not (run / "model_index.json").exists()
+
+    codes, outputs = finish(launch_ranks(train_flags(synthetic, run, resume_from_checkpoint="latest", **flags)))
+    assert codes == [0, 0], outputs
+    assert losses(run) == losses(tmp_path / "straight")
+
+
+def test_several_source_views_train_and_the_saved_pipeline_takes_them(synthetic, tmp_path):
+    train = load_script()
+    assert train.main(train_flags(synthetic, tmp_path, steps=2, num_source_views=3)) == 0
+    pipe = SODANovelViewPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    source = train.batch_source(train.parse_args(["--data", str(synthetic), "--num_source_views", "3"]), "test", 32,
+                                batch_size=2, seed=0)
+    batch = source.batch(0)
+    assert batch["source_image"].shape == (2, 3, 3, 32, 32)
+    images = pipe(batch["source_image"], batch["target_rays"], source_rays=batch["source_rays"], num_inference_steps=2,
+                  output_type="pt").images
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_streaming_from_local_parquet_trains_and_resumes_from_the_stored_stream_position(synthetic, tmp_path):
+    # The --streaming path of a Hub dataset id, offline: a local folder in the layout push_dataset_to_hub writes.
+    import datasets
+
+    from soda_diffusers.data import convert_to_arrow
+
+    for split, dataset in datasets.load_from_disk(str(convert_to_arrow(synthetic, tmp_path / "arrow", 32))).items():
+        dataset.to_parquet(str(tmp_path / "parquet" / "data" / f"{split}-00000-of-00001.parquet"))
+    train = load_script()
+    parquet = tmp_path / "parquet"
+    flags = dict(steps=6, streaming="true", shuffle_buffer=0)
+    assert train.main(train_flags(parquet, tmp_path / "straight", **flags)) == 0
+
+    original, calls = train.diffusion_loss, []
+
+    # Stopped after step 2, the stream has read 8 objects of 3: a resume that lost the position would
+    # start over at the first object, and draw other batches.
+    def stop_after_the_second_step(*args, **kwargs):  # as if a SIGTERM came during step 2
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    train.diffusion_loss = stop_after_the_second_step
+    run = tmp_path / "interrupted"
+    assert train.main(train_flags(parquet, run, **{**flags, "checkpointing_steps": 100})) == 130
+    train.diffusion_loss = original
+    assert (run / "checkpoint-2" / "stream_state_0.json").is_file()
+    assert train.main(train_flags(parquet, run, resume_from_checkpoint="latest", **flags)) == 0
+    assert losses(run) == losses(tmp_path / "straight")
 
 
 def test_push_to_hub_flag_uploads_the_run_and_a_failed_upload_keeps_it(synthetic, tmp_path, monkeypatch, capsys):

@@ -7,10 +7,16 @@
 Flags override the YAML config, which overrides the defaults below. Without ``--data`` the
 built-in synthetic NMR-format dataset is generated on first use.
 
-Every training step is a pure function of (weights, optimizer state, step): the step's batch
-(objects, source and target views), timesteps, noise and z-dropout all come from RNGs seeded with
-``(seed, step, process)``. So a run resumed from ``checkpoint-<step>`` continues exactly where the
-interrupted run was, and the data position is simply the step number.
+Every training step is a pure function of (weights, optimizer state, step): the step's objects,
+views, timesteps, noise and z-dropout each come from their own random stream, seeded with
+``(seed, step, process, stream)`` (:mod:`soda_diffusers.data.pairs`). So a run resumed from
+``checkpoint-<step>`` continues exactly where the interrupted run was, and the data position is simply
+the step number (with ``--streaming``, the stream's position is saved in the checkpoint too).
+
+The data is read from a memory-mapped store of the split (:class:`~soda_diffusers.data.ViewStore`),
+built once on first use by the main process; every process and DataLoader worker then maps the same
+files. A stop (Ctrl-C or SIGTERM on any process, ``--max_train_minutes``, a NaN loss) is decided by all
+processes together at the end of a step, so they save the same checkpoint and leave together.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from soda_diffusers import SODAEncoder, SODANovelViewPipeline
-from soda_diffusers.data import NMRObjects, batch_rays, default_synthetic_dataset
+from soda_diffusers.data import StepBatches, ViewStore, default_synthetic_dataset
+from soda_diffusers.data.pairs import pair_batch, stream_generator, stream_seed
 from soda_diffusers.schedules import scheduler_config
 from soda_diffusers.visualize import make_grid
 
@@ -49,6 +56,11 @@ DEFAULTS = {
     "data": None,
     "synthetic_objects_per_category": 30,
     "categories": None,
+    "data_cache_dir": None,
+    "streaming": False,
+    "shuffle_buffer": 1000,
+    "num_source_views": 1,
+    "dataloader_num_workers": 0,
     "preset": "soda-tiny",
     "encoder": {},
     "unet": {},
@@ -145,44 +157,46 @@ def build_pipeline(args) -> SODANovelViewPipeline:
     return SODANovelViewPipeline.from_preset(args.preset, encoder=args.encoder, unet=args.unet, scheduler=scheduler)
 
 
-class ViewPairSampler:
-    """Batches of (source view, target view) pairs of objects held in memory, drawn as a pure
-    function of ``(seed, step, process)``. The target is never the source."""
-
-    def __init__(self, arrays, batch_size: int, seed: int, process_index: int):
-        self.arrays = arrays
-        self.batch_size = batch_size
-        self.seed = seed
-        self.process_index = process_index
-        self.num_objects, self.num_views = arrays.images.shape[:2]
-        self.size = arrays.images.shape[-1]
-
-    def generator(self, step: int) -> torch.Generator:
-        return torch.Generator().manual_seed(hash((self.seed, step, self.process_index)) % 2**63)
-
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        generator = self.generator(step)
-        objects = torch.randint(self.num_objects, (self.batch_size,), generator=generator)
-        return self.pairs(objects, generator)
-
-    def pairs(self, objects: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        sources = torch.randint(self.num_views, objects.shape, generator=generator)
-        # An offset in 1..V-1 makes the target any view but the source, uniformly.
-        targets = (sources + torch.randint(1, self.num_views, objects.shape, generator=generator)) % self.num_views
-        images = self.arrays.images
-        return {
-            "source_image": images[objects, sources].float() / 127.5 - 1,
-            "target_image": images[objects, targets].float() / 127.5 - 1,
-            "target_rays": batch_rays(
-                self.arrays.world_mats[objects, sources], self.arrays.unprojections[objects, targets], self.size
-            ),
-        }
+def data_path(args) -> str:
+    if args.data:
+        return args.data
+    return str(default_synthetic_dataset(objects_per_category=args.synthetic_objects_per_category, seed=0))
 
 
-def load_arrays(args, split: str, image_size: int):
-    path = args.data or default_synthetic_dataset(objects_per_category=args.synthetic_objects_per_category, seed=0)
-    objects = NMRObjects(path, split=split, image_size=image_size, categories=args.categories)
-    return objects.all_images_uint8(), path
+def batch_source(args, split: str, image_size: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, num_source_views: int | None = None):
+    """What the step's batches come from: ``source.batch(step)`` is the batch of ``step`` on ``rank``.
+    A memory-mapped :class:`ViewStore` of the split (built on first use), or with ``--streaming`` the
+    split read as a ``datasets`` stream, this rank's shard of it."""
+    k = args.num_source_views if num_source_views is None else num_source_views
+    if args.streaming:
+        from soda_diffusers.data import StreamingBatches
+
+        return StreamingBatches(data_path(args), split, image_size, batch_size, seed, rank=rank,
+                                world_size=world_size, num_source_views=k, categories=args.categories,
+                                shuffle_buffer=args.shuffle_buffer)
+    store = ViewStore.open(data_path(args), split, image_size, args.categories, cache_dir=args.data_cache_dir)
+    return StepBatches(store, batch_size, seed, rank, k)
+
+
+def training_batches(source, first_step: int, last_step: int, args, device: torch.device):
+    """The batches of steps ``first_step..last_step - 1`` in order: a DataLoader over the store (its
+    workers build whole batches, each a function of its step), or the stream read in this process."""
+    if args.streaming:
+        return (source.batch(step) for step in range(first_step, last_step))
+    workers = args.dataloader_num_workers
+    return iter(torch.utils.data.DataLoader(
+        source, batch_size=None, sampler=range(first_step, last_step), num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        persistent_workers=False, worker_init_fn=_ignore_stop_signals if workers else None,
+    ))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: the workers leave it to the main process, which finishes
+    # the step, saves and shuts them down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -228,14 +242,14 @@ class StopRequest:
     """Turns Ctrl-C and SIGTERM into a flag, so the loop can save a checkpoint and exit cleanly."""
 
     def __init__(self):
-        self.signal_name = None
+        self.signal_number = 0
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.signal_name is not None:  # a second Ctrl-C: stop now
+        if self.signal_number:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        self.signal_number = int(signum)
 
 
 def training_target(noise_scheduler, clean, noise, timesteps):
@@ -275,18 +289,24 @@ def timestep_weights(args, num_timesteps: int) -> torch.Tensor | None:
     return weights / weights.sum()
 
 
-def diffusion_loss(encoder, unet, noise_scheduler, batch, generator, snr_gamma=None, timestep_probs=None):
-    """Denoising loss of one batch; timesteps (uniform, or drawn with probabilities ``timestep_probs``)
-    and noise drawn from ``generator``."""
-    clean = batch["target_image"]
+def draw_timesteps(generator, batch_size: int, num_timesteps: int, timestep_probs=None) -> torch.Tensor:
+    """Training timesteps: uniform, or drawn with probabilities ``timestep_probs`` (:func:`timestep_weights`)."""
     if timestep_probs is None:
-        timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=generator)
-    else:
-        timesteps = torch.multinomial(timestep_probs, clean.shape[0], replacement=True, generator=generator)
-    timesteps = timesteps.to(clean.device)
-    noise = torch.randn(clean.shape, generator=generator).to(clean.device, clean.dtype)
+        return torch.randint(num_timesteps, (batch_size,), generator=generator)
+    return torch.multinomial(timestep_probs, batch_size, replacement=True, generator=generator)
+
+
+def diffusion_loss(encoder, unet, noise_scheduler, batch, timestep_generator, noise_generator, snr_gamma=None,
+                   timestep_probs=None):
+    """Denoising loss of one batch; timesteps (uniform, or drawn with probabilities ``timestep_probs``)
+    from ``timestep_generator``, noise from ``noise_generator``: two streams, so neither quantity
+    is tied to the other (or to the batch's objects)."""
+    clean = batch["target_image"]
+    timesteps = draw_timesteps(timestep_generator, clean.shape[0], noise_scheduler.config.num_train_timesteps,
+                               timestep_probs).to(clean.device)
+    noise = torch.randn(clean.shape, generator=noise_generator).to(clean.device, clean.dtype)
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-    z = encoder(batch["source_image"])
+    z = encoder(batch["source_image"], batch.get("source_rays"))
     prediction = unet(noisy, timesteps, batch["target_rays"], z).sample
     target = training_target(noise_scheduler, clean, noise, timesteps)
     loss = (prediction.float() - target.float()).square().mean(dim=(1, 2, 3))
@@ -336,12 +356,15 @@ def main(argv: list[str] | None = None) -> int:
         encoder.enable_gradient_checkpointing()
         unet.enable_gradient_checkpointing()
 
+    rank, world_size = accelerator.process_index, accelerator.num_processes
     with accelerator.main_process_first():
-        train_arrays, data_path = load_arrays(args, "train", image_size)
-        val_arrays, _ = load_arrays(args, "val", image_size)
-    sampler = ViewPairSampler(train_arrays, args.train_batch_size, args.seed, accelerator.process_index)
-    # Training pairs of its own, so exporting a pipeline leaves the training batches untouched.
-    calibration_sampler = ViewPairSampler(train_arrays, args.train_batch_size, args.seed + 3, 0)
+        train_source = batch_source(args, "train", image_size, args.train_batch_size, args.seed, rank, world_size)
+        # Batches of their own (one source view: the encoder's batch norm sees single views), so that
+        # exporting a pipeline leaves the training batches untouched.
+        calibration_source = batch_source(args, "train", image_size, args.train_batch_size, args.seed + 3,
+                                          num_source_views=1)
+        val_source = batch_source(args, "val", image_size, min(args.train_batch_size, 64), args.seed + 1)
+        samples_source = batch_source(args, "val", image_size, args.validation_objects, args.seed + 2)
 
     decoder_lr = args.learning_rate
     encoder_lr = args.encoder_learning_rate or decoder_lr
@@ -365,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     def save_model_hook(models, weights, directory):
+        if args.streaming:  # every process's position in its shard of the stream
+            Path(directory, f"stream_state_{rank}.json").write_text(json.dumps(train_source.state_dict()))
         if accelerator.is_main_process:
             for name, ema in ema_models.items():
                 ema.save_pretrained(os.path.join(directory, f"{name}_ema"))
@@ -374,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                 weights.pop()
 
     def load_model_hook(models, directory):
+        if args.streaming:
+            train_source.load_state_dict(json.loads(Path(directory, f"stream_state_{rank}.json").read_text()))
         for name, ema in ema_models.items():
             loaded = EMAModel.from_pretrained(os.path.join(directory, f"{name}_ema"), type(getattr(pipe, name)))
             ema.load_state_dict(loaded.state_dict())
@@ -412,9 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= first_step]
         log_path.write_text("".join(line + "\n" for line in lines))
 
-    val_generator = torch.Generator().manual_seed(12345)
-    val_sampler = ViewPairSampler(val_arrays, min(args.train_batch_size, 64), args.seed + 1, 0)
-    val_batch = val_sampler.pairs(torch.arange(val_sampler.num_objects).repeat(4)[:64], val_generator)
+    val_batch = val_source.batch(0)
 
     stop = StopRequest()
     progress = tqdm(
@@ -426,17 +451,20 @@ def main(argv: list[str] | None = None) -> int:
     start_time = time.monotonic()
     train_seconds = 0.0
     exit_code = 0
+    batches = training_batches(train_source, first_step, args.max_train_steps, args, accelerator.device)
     for step in progress:
         step_start = time.monotonic()
-        generator = sampler.generator(step)
-        # z-dropout and layer masking inside the U-Net draw from the global RNG: seed it per step too.
-        torch.manual_seed(hash((args.seed, step, accelerator.process_index, 1)) % 2**63)
-        batch = {k: v.to(accelerator.device) for k, v in sampler.batch(step).items()}
+        # z-dropout and layer masking inside the U-Net draw from the global RNG: its own stream, per step.
+        torch.manual_seed(stream_seed(args.seed, step, rank, "conditioning"))
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
         data_seconds = time.monotonic() - step_start
         encoder.train()
         unet.train()
         with accelerator.autocast():
-            loss = diffusion_loss(encoder, unet, noise_scheduler, batch, generator, args.snr_gamma, timestep_probs)
+            loss = diffusion_loss(
+                encoder, unet, noise_scheduler, batch, stream_generator(args.seed, step, rank, "timesteps"),
+                stream_generator(args.seed, step, rank, "noise"), args.snr_gamma, timestep_probs,
+            )
         finite = accelerator.gather(torch.isfinite(loss.detach()).float()[None]).min() > 0
         if not finite:
             last = checkpoint_dirs(output_dir)
@@ -472,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         if completed % args.validation_steps == 0 or completed == args.max_train_steps:
             logs["val_loss"] = validation_loss(encoder, unet, noise_scheduler, val_batch, accelerator)
             if accelerator.is_main_process:
-                write_samples(accelerator, pipe, ema_models, encoder, unet, calibration_sampler, val_arrays, args,
+                write_samples(accelerator, pipe, ema_models, encoder, unet, calibration_source, samples_source, args,
                               completed, output_dir)
         progress.set_postfix(loss=f"{loss_value:.4f}")
         accelerator.log(logs, step=completed)
@@ -480,11 +508,18 @@ def main(argv: list[str] | None = None) -> int:
             with log_path.open("a") as log:
                 log.write(json.dumps({"step": completed, "elapsed_s": round(time.monotonic() - start_time, 3), **logs}) + "\n")
 
-        out_of_time = deadline is not None and time.monotonic() >= deadline
-        if completed % args.checkpointing_steps == 0 or stop.signal_name or out_of_time:
+        # Every process takes the same decision at the same step: a signal to any one of them, or any
+        # one past the deadline, stops them all here, with one checkpoint.
+        local = torch.tensor([[stop.signal_number, deadline is not None and time.monotonic() >= deadline]],
+                             device=accelerator.device)
+        signals, past_deadline = accelerator.gather(local).T.tolist()
+        signalled, out_of_time = any(signals), any(past_deadline)
+        if completed % args.checkpointing_steps == 0 or signalled or out_of_time:
             saved = save_checkpoint(accelerator, output_dir, completed, args.checkpoints_total_limit)
-            if stop.signal_name:
-                accelerator.print(f"\n{stop.signal_name}: saved {saved}; resume with --resume_from_checkpoint latest")
+            if signalled:
+                reason = ", ".join(f"{signal.Signals(number).name} on process {process}"
+                                   for process, number in enumerate(signals) if number)
+                accelerator.print(f"\n{reason}: saved {saved}; resume with --resume_from_checkpoint latest")
                 exit_code = 130
                 break
         if out_of_time:
@@ -499,9 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     checksum = sum(p.double().sum() for p in [*encoder.parameters(), *unet.parameters()])
     checksums = accelerator.gather(checksum.float()[None].to(accelerator.device)).tolist()
     if exit_code == 0 and accelerator.is_main_process:
-        final = export_pipeline(accelerator, pipe, ema_models, encoder, unet, calibration_sampler)
+        final = export_pipeline(accelerator, pipe, ema_models, encoder, unet, calibration_source)
         final.save_pretrained(output_dir)
-        summary = {"train_steps": step, "train_seconds": round(train_seconds, 1), "data": str(data_path),
+        summary = {"train_steps": step, "train_seconds": round(train_seconds, 1), "data": data_path(args),
                    "preset": args.preset, "batch_size": args.train_batch_size, "processes": accelerator.num_processes,
                    "hardware": describe_hardware(accelerator), "parameter_checksums": checksums}
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
@@ -532,18 +567,16 @@ def measure_step_seconds(args, steps: int = 5, warmup: int = 3) -> float:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     size = unet.config.sample_size
     generator = torch.Generator().manual_seed(0)
-    batch = {
-        "source_image": torch.rand(args.train_batch_size, 3, size, size, generator=generator) * 2 - 1,
-        "target_image": torch.rand(args.train_batch_size, 3, size, size, generator=generator) * 2 - 1,
-        "target_rays": batch_rays(torch.eye(4).expand(args.train_batch_size, 4, 4),
-                                  torch.eye(4).expand(args.train_batch_size, 4, 4), size),
-    }
+    views = args.num_source_views + 1
+    cameras = torch.eye(4, dtype=torch.float64).expand(args.train_batch_size, views, 4, 4)
+    images = torch.randint(256, (args.train_batch_size, views, 3, size, size), generator=generator, dtype=torch.uint8)
+    batch = pair_batch(images, cameras, cameras)
     optimizer = torch.optim.AdamW([*encoder.parameters(), *unet.parameters()])
     timings = []
     # The first steps pay for allocator and thread-pool start-up; counting them halved the estimate.
     for _ in range(warmup + steps):
         start = time.perf_counter()
-        diffusion_loss(encoder, unet, noise_scheduler, batch, generator).backward()
+        diffusion_loss(encoder, unet, noise_scheduler, batch, generator, generator).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         timings.append(time.perf_counter() - start)
@@ -558,13 +591,14 @@ def validation_loss(encoder, unet, noise_scheduler, batch, accelerator) -> float
     unet.eval()
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
     with accelerator.autocast():
-        loss = diffusion_loss(encoder, unet, noise_scheduler, batch, torch.Generator().manual_seed(0))
+        loss = diffusion_loss(encoder, unet, noise_scheduler, batch, torch.Generator().manual_seed(0),
+                              torch.Generator().manual_seed(1))
     encoder.train()
     unet.train()
     return accelerator.gather(loss[None]).mean().item()
 
 
-def export_pipeline(accelerator, pipe, ema_models, encoder, unet, calibration_sampler) -> SODANovelViewPipeline:
+def export_pipeline(accelerator, pipe, ema_models, encoder, unet, calibration_source) -> SODANovelViewPipeline:
     """A standalone inference pipeline holding the EMA weights (or the raw ones without EMA)."""
     components = {}
     for name, model in (("encoder", encoder), ("unet", unet)):
@@ -573,7 +607,7 @@ def export_pipeline(accelerator, pipe, ema_models, encoder, unet, calibration_sa
         copy.load_state_dict(model.state_dict())
         if name in ema_models:
             ema_models[name].copy_to(copy.parameters())
-            calibration = (calibration_sampler.batch(i)["source_image"] for i in range(CALIBRATION_BATCHES))
+            calibration = (calibration_source.batch(i)["source_image"] for i in range(CALIBRATION_BATCHES))
             recalibrate_batch_norms(copy, calibration, accelerator.device)
         components[name] = copy.eval().cpu()
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -590,18 +624,20 @@ def recalibrate_batch_norms(model: torch.nn.Module, batches, device) -> None:
     model.eval()
 
 
-def write_samples(accelerator, pipe, ema_models, encoder, unet, calibration_sampler, val_arrays, args, step, output_dir):
+def write_samples(accelerator, pipe, ema_models, encoder, unet, calibration_source, samples_source, args, step,
+                  output_dir):
     """Source / target / generated views of a few held-out objects, as a PNG and in TensorBoard."""
-    preview = export_pipeline(accelerator, pipe, ema_models, encoder, unet, calibration_sampler).to(accelerator.device)
+    preview = export_pipeline(accelerator, pipe, ema_models, encoder, unet, calibration_source).to(accelerator.device)
     preview.set_progress_bar_config(disable=True)
-    count = min(args.validation_objects, val_arrays.images.shape[0])
-    sampler = ViewPairSampler(val_arrays, count, args.seed + 2, 0)
-    batch = sampler.pairs(torch.arange(count), torch.Generator().manual_seed(7))
+    batch = samples_source.batch(0)
+    count = len(batch["target_image"])
     generated = preview(
-        batch["source_image"], batch["target_rays"], num_inference_steps=args.validation_inference_steps,
+        batch["source_image"], batch["target_rays"], source_rays=batch.get("source_rays"),
+        num_inference_steps=args.validation_inference_steps,
         generator=[torch.Generator().manual_seed(i) for i in range(count)], output_type="pt",
     ).images.cpu() * 2 - 1
-    grid = make_grid(torch.cat([batch["source_image"], batch["target_image"], generated]), columns=count, scale=2)
+    first_source = batch["source_image"] if "source_rays" not in batch else batch["source_image"][:, 0]
+    grid = make_grid(torch.cat([first_source, batch["target_image"], generated]), columns=count, scale=2)
     samples_dir = output_dir / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
     grid.save(samples_dir / f"step-{step:06d}.png")
@@ -627,4 +663,13 @@ def push_pipeline(pipe, output_dir: Path, args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Everything is written and the process group is closed; leave without the interpreter's teardown.
+        # There, freeing the DDP reducer joins gloo's worker thread while holding the GIL, and that thread
+        # may still be freeing a finished all-gather whose tensors need the GIL: a deadlock at exit
+        # (seen in about 1 of 3 two-process runs, with the main thread in ~ProcessGroupGloo).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    sys.exit(exit_code)

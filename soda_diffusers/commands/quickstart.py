@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate_quickstart(out: Path, summary: dict, num_objects: int, seed: int) -> dict:
     from soda_diffusers import SODANovelViewPipeline
-    from soda_diffusers.data import NMRObjects
+    from soda_diffusers.data import NMRObjects, ViewStore
     from soda_diffusers.evaluation import generate_views, object_target_rays, target_views, view_scores
     from soda_diffusers.metrics import aggregate
     from soda_diffusers.visualize import make_grid, plot_curves, save_gif
@@ -84,9 +84,8 @@ def evaluate_quickstart(out: Path, summary: dict, num_objects: int, seed: int) -
     pipe = SODANovelViewPipeline.from_pretrained(out / "train")
     pipe.save_pretrained(out / "pipeline")
     size = pipe.unet.config.sample_size
-    test = NMRObjects(summary["data"], split="test", image_size=size)
-    train = NMRObjects(summary["data"], split="train", image_size=size)
-    mean_image = train.all_images_uint8().images.float().div(127.5).sub(1).mean(dim=(0, 1))
+    test = NMRObjects(summary["data"], split="test", image_size=size, store=True)
+    mean_image = ViewStore.open(summary["data"], "train", size).mean_image()
     count = min(num_objects, len(test))
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(test), generator=generator)[:count].tolist()

@@ -3,7 +3,9 @@ an Arrow directory), the built-in synthetic NMR dataset, and conversion to Arrow
 
 Modules: :mod:`~soda_diffusers.data.layout` (the NMR layout), :mod:`~soda_diffusers.data.storage`
 (folder and zip reading), :mod:`~soda_diffusers.data.arrow` (Arrow conversion and reading),
-:mod:`~soda_diffusers.data.nmr` (the PyTorch datasets), :mod:`~soda_diffusers.data.synthetic`
+:mod:`~soda_diffusers.data.nmr` (the PyTorch datasets), :mod:`~soda_diffusers.data.store` (the
+memory-mapped store that training and evaluation read), :mod:`~soda_diffusers.data.pairs` (training
+batches and their random streams), :mod:`~soda_diffusers.data.synthetic`
 (the synthetic dataset, drawn by :mod:`~soda_diffusers.data.shapes` and
 :mod:`~soda_diffusers.data.raytrace`).
 """
@@ -11,8 +13,11 @@ Modules: :mod:`~soda_diffusers.data.layout` (the NMR layout), :mod:`~soda_diffus
 from soda_diffusers.data.arrow import convert_to_arrow, push_dataset_to_hub
 from soda_diffusers.data.errors import NMRFormatError
 from soda_diffusers.data.layout import NMR_CATEGORIES, NMR_IMAGE_SIZE, SPLITS, read_view_list
-from soda_diffusers.data.nmr import NMRArrays, NMRDataset, NMRObjects, area_downsample_uint8, batch_rays
+from soda_diffusers.data.nmr import NMRDataset, NMRObjects, area_downsample_uint8
+from soda_diffusers.data.pairs import StepBatches
 from soda_diffusers.data.storage import open_storage
+from soda_diffusers.data.store import ViewStore
+from soda_diffusers.data.streaming import StreamingBatches
 from soda_diffusers.data.synthetic import (
     default_cache_dir,
     default_synthetic_dataset,
@@ -24,12 +29,13 @@ __all__ = [
     "NMR_CATEGORIES",
     "NMR_IMAGE_SIZE",
     "SPLITS",
-    "NMRArrays",
     "NMRDataset",
     "NMRFormatError",
     "NMRObjects",
+    "StepBatches",
+    "StreamingBatches",
+    "ViewStore",
     "area_downsample_uint8",
-    "batch_rays",
     "convert_to_arrow",
     "default_cache_dir",
     "default_synthetic_dataset",

@@ -157,20 +157,34 @@ def convert_to_arrow(
 
 
 class ArrowStorage(NMRStorage):
-    """An Arrow directory written by :func:`convert_to_arrow`, memory-mapped."""
+    """NMR data as a ``DatasetDict`` of splits (see the module docstring), memory-mapped: an Arrow
+    directory written by :func:`convert_to_arrow`, or one already loaded (:meth:`from_dataset_dict`,
+    e.g. a Hub dataset from ``datasets.load_dataset``)."""
 
     def __init__(self, path: str | os.PathLike):
         import datasets
 
-        self.path = Path(path)
-        self.description = str(self.path)
         try:
-            dataset_dict = datasets.load_from_disk(str(self.path))
+            dataset_dict = datasets.load_from_disk(str(path))
         except (FileNotFoundError, ValueError, OSError) as error:
-            raise NMRFormatError(f"{self.path}: cannot load this Arrow dataset directory ({error})") from None
+            raise NMRFormatError(f"{path}: cannot load this Arrow dataset directory ({error})") from None
+        self._index(dataset_dict, str(path))
+
+    @classmethod
+    def from_dataset_dict(cls, dataset_dict, description: str) -> ArrowStorage:
+        """A storage over ``dataset_dict``; ``description`` names it in messages and store manifests."""
+        storage = cls.__new__(cls)
+        storage._index(dataset_dict, description)
+        return storage
+
+    def _index(self, dataset_dict, description: str) -> None:
+        import datasets
+
+        self.description = description
         if not isinstance(dataset_dict, datasets.DatasetDict):
             raise NMRFormatError(
-                f"{self.path}: expected a DatasetDict of splits written by convert_to_arrow, got a single Dataset"
+                f"{description}: expected a DatasetDict of splits written by convert_to_arrow, got "
+                f"{type(dataset_dict).__name__}"
             )
         self.splits = {}
         self._columns = {}
@@ -182,16 +196,17 @@ class ArrowStorage(NMRStorage):
             missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
             if missing:
                 raise NMRFormatError(
-                    f"{self.path}: split {split!r} lacks the columns {missing} (expected {list(REQUIRED_COLUMNS)})"
+                    f"{description}: split {split!r} lacks the columns {missing} "
+                    f"(expected {list(REQUIRED_COLUMNS)})"
                 )
-            shape = dataset.features["images"].shape
+            shape = tuple(getattr(dataset.features["images"], "shape", ()))
             if len(shape) != 4 or shape[0] != NMR_NUM_VIEWS or shape[1] != shape[2] or shape[3] != 3:
                 raise NMRFormatError(
-                    f"{self.path}: split {split!r}: 'images' should be (24, S, S, 3), got {shape}"
+                    f"{description}: split {split!r}: 'images' should be (24, S, S, 3), got {shape}"
                 )
             if self.image_size not in (None, shape[1]):
                 raise NMRFormatError(
-                    f"{self.path}: splits hold images of different sizes ({self.image_size} and {shape[1]})"
+                    f"{description}: splits hold images of different sizes ({self.image_size} and {shape[1]})"
                 )
             self.image_size = shape[1]
             self.splits[split] = dataset
@@ -206,15 +221,18 @@ class ArrowStorage(NMRStorage):
                 self._rows.setdefault((synset, short), (split, row))
             self._object_ids[split] = per_category
         if not self._categories:
-            raise NMRFormatError(f"{self.path}: the Arrow dataset holds no objects")
+            raise NMRFormatError(f"{description}: the Arrow dataset holds no objects")
 
     def categories(self) -> dict[str, str]:
         return dict(sorted(self._categories.items()))
 
+    def fingerprint(self) -> dict:
+        return {split: dataset._fingerprint for split, dataset in sorted(self.splits.items())}
+
     def object_ids(self, category: str, split: str) -> list[str]:
         check_split(split)
         if split not in self._object_ids:
-            raise NMRFormatError(f"{self.path}: no split {split!r} (found {sorted(self._object_ids)})")
+            raise NMRFormatError(f"{self.description}: no split {split!r} (found {sorted(self._object_ids)})")
         return list(self._object_ids[split].get(category, []))
 
     def __getstate__(self):
@@ -230,7 +248,8 @@ class ArrowStorage(NMRStorage):
             dataset = self.splits[split]
             if name not in dataset.column_names:
                 raise NMRFormatError(
-                    f"{self.path}: split {split!r} has no column {name!r} (converted with with_masks=False?)"
+                    f"{self.description}: split {split!r} has no column {name!r} "
+                    "(converted with with_masks=False?)"
                 )
             self._columns[key] = _ColumnView(dataset, name)
         return self._columns[key]
@@ -239,7 +258,7 @@ class ArrowStorage(NMRStorage):
         try:
             return self._rows[(category, object_id)]
         except KeyError:
-            raise FileNotFoundError(f"{self.path}: no object {category}/{object_id}") from None
+            raise FileNotFoundError(f"{self.description}: no object {category}/{object_id}") from None
 
     def read_images(self, category: str, object_id: str, views: Sequence[int]) -> np.ndarray:
         split, row = self._locate(category, object_id)

@@ -1,12 +1,12 @@
 """PyTorch datasets over NMR-format data (a folder, ``NMR_Dataset.zip`` or an Arrow directory).
 
 * :class:`NMRDataset`: (source view(s), target view) pairs for training, drawn deterministically.
-* :class:`NMRObjects`: whole objects (24 views and cameras) for evaluation, and
-  :meth:`NMRObjects.all_images_uint8` to hold a small dataset in memory as a few tensors.
+* :class:`NMRObjects`: whole objects (24 views and cameras) for evaluation, their images read from the
+  memory-mapped :class:`~soda_diffusers.data.ViewStore` with ``store=True`` (as training reads them).
 
 Images are resized from the stored 64 px by area averaging (the mean of each block of pixels, the
 same as ``F.interpolate(mode="area")`` for sizes dividing 64), rounded back to uint8 so that every
-storage, and the in-memory fast path, give the very same values; they come out as float tensors in
+storage, and the store, give the very same values; they come out as float tensors in
 [-1, 1]. Rays are those of :func:`soda_diffusers.cameras.nmr_rays`, in the frame of the (first)
 source camera.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from soda_diffusers.cameras import NMR_NUM_VIEWS, nmr_rays
 from soda_diffusers.data.errors import NMRFormatError
 from soda_diffusers.data.layout import category_aliases, check_split, read_view_list, resolve_categories
 from soda_diffusers.data.storage import NMRStorage, open_storage
+from soda_diffusers.data.store import ViewStore
 
 
 def area_downsample_uint8(images: np.ndarray, size: int, channels_last: bool = True) -> np.ndarray:
@@ -251,19 +251,6 @@ class NMRDataset(_NMRObjectIndex, torch.utils.data.Dataset):
         }
 
 
-class NMRArrays(NamedTuple):
-    """A whole split in memory (see :meth:`NMRObjects.all_images_uint8`)."""
-
-    images: torch.Tensor
-    """``(N, 24, 3, H, W)`` uint8."""
-    world_mats: torch.Tensor
-    """``(N, 24, 4, 4)`` float32, ``world_mat`` of every view (world -> camera)."""
-    unprojections: torch.Tensor
-    """``(N, 24, 4, 4)`` float32, ``world_mat_inv @ camera_mat_inv`` of every view."""
-    labels: torch.Tensor
-    """``(N,)`` int64."""
-
-
 class NMRObjects(_NMRObjectIndex):
     """Whole NMR objects, for evaluation: a sequence of dicts
 
@@ -274,7 +261,9 @@ class NMRObjects(_NMRObjectIndex):
     * ``source_view`` (int), with a ``view_list`` (e.g. pixelNeRF's ``src_dvr.txt``);
     * ``masks``: ``(24, 1, H, W)`` float in [0, 1], with ``with_masks=True``.
 
-    Arguments are those of :class:`NMRDataset`.
+    Arguments are those of :class:`NMRDataset`, and ``store``: read the images from the split's
+    :class:`~soda_diffusers.data.ViewStore` (built on first use, under ``cache_dir``), the same
+    values as decoded from ``path``, without decoding them again for every pass.
     """
 
     def __init__(
@@ -285,10 +274,13 @@ class NMRObjects(_NMRObjectIndex):
         categories: Iterable[str] | str | None = None,
         view_list: str | os.PathLike | None = None,
         with_masks: bool = False,
+        store: bool = False,
+        cache_dir: str | os.PathLike | None = None,
     ):
         super().__init__(path, split, categories, image_size)
         self.source_views = self._source_views_from_list(view_list)
         self.with_masks = bool(with_masks)
+        self.store = ViewStore.open(self.storage, split, image_size, categories, cache_dir) if store else None
 
     def __len__(self) -> int:
         return self.num_objects
@@ -300,8 +292,12 @@ class NMRObjects(_NMRObjectIndex):
         index %= len(self)
         synset, object_id = self._objects[index]
         views = range(NMR_NUM_VIEWS)
+        if self.store is not None:
+            images = torch.from_numpy(np.array(self.store.images[index])).float() / 127.5 - 1.0
+        else:
+            images = to_model_range(self._images(index, views))
         item = {
-            "images": to_model_range(self._images(index, views)),
+            "images": images,
             "cameras": self.storage.read_cameras(synset, object_id),
             "label": self._labels[index],
             "category": synset,
@@ -314,46 +310,3 @@ class NMRObjects(_NMRObjectIndex):
             masks = area_downsample_uint8(masks, self.image_size, channels_last=False)
             item["masks"] = torch.from_numpy(masks).float().div(255.0).unsqueeze(1)
         return item
-
-    def all_images_uint8(self) -> NMRArrays:
-        """The whole split as tensors, for a training loop that keeps a small dataset in memory:
-        ``NMRArrays(images, world_mats, unprojections, labels)``, images ``(N, 24, 3, H, W)`` uint8
-        (``x / 127.5 - 1`` gives the items' values), cameras as ``(N, 24, 4, 4)`` float32.
-        Build rays in batch with :func:`batch_rays`."""
-        images = np.empty(
-            (self.num_objects, NMR_NUM_VIEWS, 3, self.image_size, self.image_size), dtype=np.uint8
-        )
-        world_mats = np.empty((self.num_objects, NMR_NUM_VIEWS, 4, 4), dtype=np.float64)
-        unprojections = np.empty_like(world_mats)
-        for index, (synset, object_id) in enumerate(self._objects):
-            images[index] = self._images(index, range(NMR_NUM_VIEWS)).transpose(0, 3, 1, 2)
-            cameras = self.storage.read_cameras(synset, object_id)
-            for view in range(NMR_NUM_VIEWS):
-                world_mats[index, view] = cameras[f"world_mat_{view}"]
-                unprojections[index, view] = (
-                    cameras[f"world_mat_inv_{view}"] @ cameras[f"camera_mat_inv_{view}"]
-                )
-        return NMRArrays(
-            images=torch.from_numpy(images),
-            world_mats=torch.from_numpy(world_mats).float(),
-            unprojections=torch.from_numpy(unprojections).float(),
-            labels=torch.tensor(self._labels, dtype=torch.int64),
-        )
-
-
-def batch_rays(source_world_mats: torch.Tensor, unprojections: torch.Tensor, size: int) -> torch.Tensor:
-    """Rays ``(B, 6, size, size)`` of views with ``unprojections`` ``(B, 4, 4)``
-    (``world_mat_inv @ camera_mat_inv``) in the frames of cameras ``source_world_mats`` ``(B, 4, 4)``:
-    the batched, torch form of :func:`soda_diffusers.cameras.rays_from_matrices`, for
-    :meth:`NMRObjects.all_images_uint8` tensors (``arrays.world_mats[objects, source_views]``)."""
-    coords = torch.linspace(-1.0, 1.0, size, dtype=unprojections.dtype, device=unprojections.device)
-    y, x = torch.meshgrid(coords, coords, indexing="ij")
-    grid = torch.stack([x, y, torch.ones_like(x), torch.zeros_like(x)]).reshape(4, -1)
-    rotation = source_world_mats[:, :3, :3]
-    directions = rotation @ (unprojections @ grid)[:, :3]
-    directions = directions / directions.norm(dim=1, keepdim=True)
-    # The camera centre is the unprojection of the homogeneous point (0, 0, 0, 1).
-    centres = source_world_mats @ unprojections[:, :, 3:]
-    origins = centres[:, :3] / centres[:, 3:]
-    rays = torch.cat([origins.expand_as(directions), directions], dim=1)
-    return rays.reshape(-1, 6, size, size)

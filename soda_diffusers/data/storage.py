@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -59,6 +60,17 @@ class NMRStorage:
         """``world_mat_i``, ``world_mat_inv_i``, ``camera_mat_i``, ``camera_mat_inv_i`` of ``views``
         (all 24 by default) as float64 ``(4, 4)`` arrays."""
         raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        """What changes when the stored data changes (file sizes and times, table fingerprints): a
+        cache built from this storage (:class:`~soda_diffusers.data.store.ViewStore`) keeps it and is
+        rebuilt when it differs."""
+        raise NotImplementedError
+
+
+def _file_stamp(path) -> list[int]:
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 class _FileStorage(NMRStorage):
@@ -210,6 +222,12 @@ class FolderStorage(_FileStorage):
         except IsADirectoryError:
             raise NMRFormatError(f"{path}: is a directory, expected a file ({_expected(member)})") from None
 
+    def fingerprint(self) -> dict:
+        # The split lists and the metadata: a dataset written again (the synthetic data is replaced
+        # whole) or re-split shows there; stat-ing two million images would take longer than a build.
+        lists = sorted(self.root.glob("*/softras_*.lst")) + sorted(self.root.glob(METADATA_FILE))
+        return {str(path.relative_to(self.root)): _file_stamp(path) for path in lists}
+
     def _category_folders(self) -> list[str]:
         return [
             p.name
@@ -266,6 +284,9 @@ class ZipStorage(_FileStorage):
 
     def _where(self, member: str) -> str:
         return f"{self.path}:{self.prefix}{member}"
+
+    def fingerprint(self) -> dict:
+        return {self.path.name: _file_stamp(self.path)}
 
     def _has(self, member: str) -> bool:
         try:
@@ -343,11 +364,49 @@ def find_dataset_root(path: Path) -> Path | None:
     return None
 
 
+# A Hugging Face Hub repository id: "owner/name", letters, digits, "-", "_" and ".".
+HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def looks_like_hub_id(data) -> bool:
+    """Whether ``data`` names a Hub dataset rather than local files: ``owner/name``, and no such path."""
+    return (
+        isinstance(data, str) and HUB_DATASET_ID.fullmatch(data) is not None and not Path(data).exists()
+    )
+
+
+def short_error(error: Exception) -> str:
+    """The type and first line of an error: Hub and network errors run over many lines."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def open_hub_dataset(dataset_id: str) -> NMRStorage:
+    """A Hub dataset pushed by :func:`~soda_diffusers.data.push_dataset_to_hub`, downloaded once into the
+    ``datasets`` cache and then read memory-mapped like an Arrow directory."""
+    import datasets
+
+    from soda_diffusers.data.arrow import ArrowStorage
+
+    try:
+        dataset_dict = datasets.load_dataset(dataset_id)
+    except Exception as error:
+        # Whatever the Hub or the network raised: name the id, in case a local path was meant.
+        raise FileNotFoundError(
+            f"{dataset_id}: no such local file or directory, and loading it as a Hugging Face Hub dataset "
+            f"failed ({short_error(error)})"
+        ) from error
+    return ArrowStorage.from_dataset_dict(dataset_dict, dataset_id)
+
+
 def open_storage(path: str | os.PathLike) -> NMRStorage:
-    """The storage behind ``path``: an NMR folder, ``NMR_Dataset.zip``, or an Arrow directory written
-    by :func:`~soda_diffusers.data.convert_to_arrow`. Storages pass through unchanged."""
+    """The storage behind ``path``: an NMR folder, ``NMR_Dataset.zip``, an Arrow directory written
+    by :func:`~soda_diffusers.data.convert_to_arrow`, or a Hugging Face Hub dataset id (``owner/name``)
+    pushed by :func:`~soda_diffusers.data.push_dataset_to_hub`. Storages pass through unchanged."""
     if isinstance(path, NMRStorage):
         return path
+    if looks_like_hub_id(path):
+        return open_hub_dataset(path)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
