@@ -3,19 +3,25 @@
 * **nvs**, the single-view protocol of pixelNeRF: every object of the test split (or ``limit`` of them),
   one source view per object (from a pixelNeRF view list such as ``src_dvr.txt``, else
   :func:`~soda_diffusers.evaluation.seeded_view`), the 23 other views as targets. PSNR and SSIM on
-  images in [0, 1] (SSIM: Gaussian 11x11 window, sigma 1.5, valid region: see :func:`metrics.ssim`),
-  LPIPS (VGG) on [-1, 1] when its weights are on this machine; averaged per object over its 23 views,
-  then over objects, overall and per category (:func:`metrics.aggregate`).
+  images in [0, 1] (SSIM: Gaussian 11x11 window, sigma 1.5, valid region: see :func:`metrics.ssim`;
+  and as pixelNeRF computed it, :func:`metrics.ssim_pixelnerf`), LPIPS (VGG) on [-1, 1] when its
+  weights are on this machine, and what a person sees: the IoU of the object silhouettes and the
+  distance between the mean object colours (:func:`metrics.foreground_iou`,
+  :func:`metrics.foreground_color_error`); averaged per object over its 23 views, then over objects,
+  overall and per category (:func:`metrics.aggregate`). The same targets are scored against
+  **baselines** (:data:`BASELINES`) that no useful model should lose to: the source view copied to
+  every target, the mean training image, and the model itself given another object's source view.
 * **fid**: FID between the generated and the real target views of the same objects and views.
 * **probe**: linear and kNN classification of the category from frozen encoder latents of one view
   per object, trained on the train split and scored on the test split, beside the same probes on a
   randomly initialised encoder of the same architecture.
 
 The NVS pass generates several objects' targets in one pipeline call and is resumable: each object's
-scores are appended as one JSON line to ``nvs_objects.jsonl`` (its generated views saved first, as a
-PNG strip under ``generated/``), and a rerun skips the objects already there. Each target's starting
-noise depends only on ``(seed, object, view)`` (:func:`~soda_diffusers.evaluation.view_seeds`), so the
-batch size and where a run was interrupted do not change what is generated.
+scores and its baselines' scores are appended as one JSON line to ``nvs_objects.jsonl`` (its generated
+views saved first, as a PNG strip under ``generated/``), and a rerun skips the objects already there.
+Each target's starting noise depends only on ``(seed, object, view)``
+(:func:`~soda_diffusers.evaluation.view_seeds`), so the batch size and where a run was interrupted do
+not change what is generated.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from soda_diffusers.data import NMRObjects
+from soda_diffusers.data import NMRObjects, ViewStore
 from soda_diffusers.evaluation import (
     generate_views_per_seed,
     object_target_rays,
@@ -42,7 +48,15 @@ from soda_diffusers.evaluation import (
     view_scores,
     view_seeds,
 )
-from soda_diffusers.metrics import LPIPS, MissingWeightsError, aggregate, fid, fid_metric, to_uint8
+from soda_diffusers.metrics import (
+    FOREGROUND_THRESHOLD,
+    LPIPS,
+    MissingWeightsError,
+    aggregate,
+    fid,
+    fid_metric,
+    to_uint8,
+)
 from soda_diffusers.probe import knn_probe, linear_probe
 from soda_diffusers.visualize import make_grid, plot_bars
 
@@ -51,6 +65,26 @@ NVS_RECORDS_FILE = "nvs_objects.jsonl"
 NVS_SETTINGS_FILE = "nvs_settings.json"
 GENERATED_DIR = "generated"
 SSIM_WINDOW = "Gaussian 11x11, sigma 1.5, valid region"
+SSIM_PIXELNERF_WINDOW = "uniform 7x7, sample covariance, valid region (skimage's defaults, as in pixelNeRF)"
+FOREGROUND = "darkest channel at most 239 of 255 (metrics.FOREGROUND_THRESHOLD)"
+# Per target view, in the records and the summaries: those of view_scores (VIEW_METRICS) and LPIPS.
+NVS_METRICS = ("psnr", "ssim", "ssim_pixelnerf", "lpips", "fg_iou", "fg_color_error")
+# Predictions of the same targets that a model must beat to be doing novel view synthesis at all:
+# the source view copied to every target (no 3D at all), the mean of all training views (the best
+# constant image in squared error), and the model given another test object's source view (the same
+# cameras and noise: what it draws without looking at this object).
+BASELINES = ("copy_source", "mean_image", "other_source")
+BASELINE_TITLES = {
+    "copy_source": "copy the source view",
+    "mean_image": "mean training image",
+    "other_source": "SODA, another object's source view",
+}
+BASELINE_DESCRIPTIONS = {
+    "copy_source": "the source view copied to every target",
+    "mean_image": "the mean of all training views",
+    "other_source": "SODA given the source view of another test object (the next one of the split), "
+    "with the same cameras and noise",
+}
 
 
 # --------------------------------------------------------------------------------------- objects
@@ -158,8 +192,13 @@ def _pipeline_name(pipe) -> str | None:
     return str(Path(name).resolve()) if Path(name).is_dir() else str(name)
 
 
-def nvs_settings(pipe, objects, seed: int, num_inference_steps: int, guidance_scale: float, lpips_model) -> dict:
-    """What an NVS record depends on besides the object: a resumed run must match it."""
+def nvs_settings(
+    pipe, objects, seed: int, num_inference_steps: int, guidance_scale: float, lpips_model,
+    baselines: Sequence[str] = BASELINES,
+) -> dict:
+    """What an NVS record depends on besides the object: a resumed run must match it. The metric names
+    and the foreground threshold are part of it, so that records scored with older definitions are
+    never averaged with new ones."""
     return {
         "pipeline": _pipeline_name(pipe),
         "scheduler": type(pipe.scheduler).__name__,
@@ -169,7 +208,35 @@ def nvs_settings(pipe, objects, seed: int, num_inference_steps: int, guidance_sc
         "image_size": int(objects.image_size),
         "source_views": "from a view list" if objects.source_views is not None else f"seeded, seed {int(seed)}",
         "lpips": None if lpips_model is None else type(lpips_model).__name__,
+        "metrics": list(NVS_METRICS),
+        "foreground_threshold": FOREGROUND_THRESHOLD,
+        "baselines": list(baselines),
     }
+
+
+def check_baselines(baselines: Iterable[str]) -> list[str]:
+    """``baselines`` as a list in the order of :data:`BASELINES` (an unknown name is a ValueError)."""
+    baselines = set(baselines)
+    unknown = sorted(baselines - set(BASELINES))
+    if unknown:
+        raise ValueError(f"baselines: expected some of {BASELINES}, got {unknown}")
+    return [name for name in BASELINES if name in baselines]
+
+
+def other_object(objects, index: int) -> int:
+    """The object whose source view the ``other_source`` baseline gives the model for object ``index``: the
+    next one of the split in dataset order (the last one's is the first). A function of the object alone,
+    not of which objects a ``limit`` selects, so that resumed runs agree; dataset order groups categories,
+    so it is mostly an object of the same category: the baseline measures what the model takes from
+    this object's source view beyond its category."""
+    return (int(index) + 1) % len(objects)
+
+
+def training_mean_image(objects, progress: bool = True) -> torch.Tensor:
+    """The ``mean_image`` baseline: the mean of every view of every train-split object of ``objects``' data
+    and categories, ``(3, S, S)`` in [-1, 1], from the train split's view store (built on first use)."""
+    storage, size, categories = objects.storage, objects.image_size, objects.categories
+    return ViewStore.open(storage, "train", size, categories, progress=progress).mean_image()
 
 
 GenerateFn = Callable[..., torch.Tensor]
@@ -188,19 +255,30 @@ def run_nvs(
     batch_objects: int = 4,
     lpips_model: nn.Module | None = None,
     generate: GenerateFn = generate_views_per_seed,
+    baselines: Sequence[str] = BASELINES,
+    mean_image: torch.Tensor | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Generate and score the target views of the objects of ``objects`` (an ``NMRObjects``, at the
-    pipeline's resolution; with a ``view_list`` its source views are used), resuming a previous run in
-    ``out_dir``. Returns the records of the selected objects (:func:`select_objects`), in dataset order::
+    pipeline's resolution; with a ``view_list`` its source views are used), and score the
+    ``baselines`` on the same targets, resuming a previous run in ``out_dir``. Returns the records of
+    the selected objects (:func:`select_objects`), in dataset order::
 
         {"object_id", "category", "source_view", "target_views": [23 views],
-         "psnr": [per target view], "ssim": [...], "lpips": [...] or None}
+         "psnr": [per target view], "ssim", "ssim_pixelnerf", "fg_iou", "fg_color_error": [...],
+         "lpips": [...] or None,
+         "baselines": {name: {the same metrics}; "other_source" also has "source_object", "source_view"}}
 
     ``batch_objects`` objects (23 targets each, each with its own source image) go through one
     pipeline call. ``lpips_model``: an LPIPS module (e.g. ``LPIPS.from_pretrained()``), or None to skip
     LPIPS. ``generate(pipe, source_images, target_rays, seeds, num_inference_steps=..., guidance_scale=...)``
     returns the generated views in [-1, 1] (default: :func:`generate_views_per_seed`).
+
+    ``baselines``: some of :data:`BASELINES`. ``copy_source`` and ``mean_image`` cost nothing but their
+    scores; ``other_source`` generates every target a second time, from the source view of
+    :func:`other_object` with the same rays and seeds: leave it out for a run at half the cost.
+    ``mean_image``: the ``(3, S, S)`` image of that baseline, default :func:`training_mean_image`.
+    The baselines are part of the settings a resumed run must match.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +287,11 @@ def run_nvs(
         raise ValueError(f"objects: images are {objects.image_size} px, the pipeline generates {size} px")
     if batch_objects < 1:
         raise ValueError(f"batch_objects: expected at least 1, got {batch_objects}")
-    _check_settings(out_dir, nvs_settings(pipe, objects, seed, num_inference_steps, guidance_scale, lpips_model))
+    baselines = check_baselines(baselines)
+    if "other_source" in baselines and len(objects) < 2:
+        raise ValueError("baselines: other_source needs at least two objects in the split; leave it out")
+    settings = nvs_settings(pipe, objects, seed, num_inference_steps, guidance_scale, lpips_model, baselines)
+    _check_settings(out_dir, settings)
     records_path = out_dir / NVS_RECORDS_FILE
     _drop_unfinished_line(records_path)
 
@@ -226,7 +308,16 @@ def run_nvs(
             )
     pending = [index for index in selected if object_ids[index] not in done]
     lpips_device = None if lpips_model is None else next(lpips_model.parameters()).device
+    if "mean_image" in baselines and pending and mean_image is None:
+        mean_image = training_mean_image(objects, progress=progress)
 
+    def scores(predictions: torch.Tensor, targets: torch.Tensor) -> dict:
+        lpips = None
+        if lpips_model is not None:
+            lpips = lpips_model(predictions.to(lpips_device), targets.to(lpips_device)).tolist()
+        return {**view_scores(predictions, targets), "lpips": lpips}
+
+    sampling = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
     with (
         open(records_path, "a", encoding="utf-8") as handle,
         tqdm(total=len(selected), initial=len(selected) - len(pending), unit="object", desc="nvs",
@@ -243,27 +334,45 @@ def run_nvs(
                 sources.append(obj["images"][source_view].expand(len(views), -1, -1, -1))
                 rays.append(object_target_rays(obj, source_view, size))
                 seeds += view_seeds(seed, obj["object_id"], views)
-            generated = generate(
-                pipe,
-                torch.cat(sources),
-                torch.cat(rays),
-                seeds,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-            )
-            chunks = generated.split([len(views) for views in views_of])
-            for index, obj, views, images in zip(batch_indices, batch, views_of, chunks):
+            sizes = [len(views) for views in views_of]
+            generated = generate(pipe, torch.cat(sources), torch.cat(rays), seeds, **sampling).split(sizes)
+
+            donors, other_generated = [], []
+            if "other_source" in baselines:
+                loaded = dict(zip(batch_indices, batch))
+                donor_sources = []
+                for index, views in zip(batch_indices, views_of):
+                    donor = other_object(objects, index)
+                    donor_view = source_view_for(objects, donor, seed)
+                    donor_images = (loaded[donor] if donor in loaded else objects[donor])["images"]
+                    donors.append({"source_object": object_ids[donor], "source_view": donor_view})
+                    donor_sources.append(donor_images[donor_view].expand(len(views), -1, -1, -1))
+                # The same rays and seeds as the model's own pass: only the source view differs.
+                other_generated = generate(pipe, torch.cat(donor_sources), torch.cat(rays), seeds, **sampling)
+                other_generated = other_generated.split(sizes)
+
+            for position, (index, obj, views, images) in enumerate(
+                zip(batch_indices, batch, views_of, generated)
+            ):
                 targets = obj["images"][views]
+                predictions = {}
+                if "copy_source" in baselines:
+                    predictions["copy_source"] = obj["images"][source_views[index]].expand_as(targets)
+                if "mean_image" in baselines:
+                    predictions["mean_image"] = mean_image.expand_as(targets)
+                if "other_source" in baselines:
+                    predictions["other_source"] = other_generated[position]
                 record = {
                     "object_id": obj["object_id"],
                     "category": obj["category"],
                     "source_view": source_views[index],
                     "target_views": views,
-                    **view_scores(images, targets),
-                    "lpips": None,
+                    **scores(images, targets),
+                    "baselines": {name: scores(guess, targets) for name, guess in predictions.items()},
                 }
-                if lpips_model is not None:
-                    record["lpips"] = lpips_model(images.to(lpips_device), targets.to(lpips_device)).tolist()
+                if "other_source" in baselines:
+                    other = record["baselines"]["other_source"]
+                    record["baselines"]["other_source"] = {**donors[position], **other}
                 # The image first: a record in the file always has its generated views beside it.
                 save_view_strip(images, generated_views_path(out_dir, obj["object_id"]))
                 handle.write(json.dumps(record) + "\n")
@@ -274,32 +383,43 @@ def run_nvs(
     return [records[object_ids[index]] for index in selected]
 
 
-def summarize_nvs(records: Sequence[dict], category_names: dict[str, str] | None = None) -> dict:
-    """Averages of NVS records, per object then over objects, overall and per category::
-
-        {"psnr", "ssim", "lpips" (None when skipped), "objects", "views_per_object",
-         "per_category": {synset: {"name", "objects", "psnr", "ssim", "lpips"}}}
-    """
-    table = aggregate(records)
+def _summary(records: Sequence[dict], category_names: dict[str, str]) -> dict:
+    table = aggregate(records, NVS_METRICS)
     view_counts = {len(record["psnr"]) for record in records}
-    category_names = category_names or {}
     return {
-        "psnr": table["psnr"],
-        "ssim": table["ssim"],
-        "lpips": table["lpips"],
+        **{name: table[name] for name in NVS_METRICS},
         "objects": table["num_objects"],
         "views_per_object": view_counts.pop() if len(view_counts) == 1 else sorted(view_counts),
         "per_category": {
             category: {
                 "name": category_names.get(category, category),
                 "objects": row["num_objects"],
-                "psnr": row["psnr"],
-                "ssim": row["ssim"],
-                "lpips": row["lpips"],
+                **{name: row[name] for name in NVS_METRICS},
             }
             for category, row in table["per_category"].items()
         },
     }
+
+
+def summarize_nvs(records: Sequence[dict], category_names: dict[str, str] | None = None) -> dict:
+    """Averages of NVS records, per object then over objects, overall and per category, for the model
+    and for each baseline of the records (:data:`NVS_METRICS`; LPIPS None when skipped)::
+
+        {"psnr", "ssim", "ssim_pixelnerf", "lpips", "fg_iou", "fg_color_error", "objects", "views_per_object",
+         "per_category": {synset: {"name", "objects", "psnr", ...}},
+         "baselines": {name: {"psnr", ..., "objects", "views_per_object", "per_category"}}}
+    """
+    category_names = category_names or {}
+    baseline_sets = {tuple(record.get("baselines", {})) for record in records}
+    if len(baseline_sets) > 1:
+        raise ValueError(f"NVS records scored against different baselines: {sorted(baseline_sets)}")
+    baselines = baseline_sets.pop() if baseline_sets else ()
+    summary = _summary(records, category_names)
+    summary["baselines"] = {}
+    for name in baselines:
+        rows = [{key: r[key] for key in ("object_id", "category")} | r["baselines"][name] for r in records]
+        summary["baselines"][name] = _summary(rows, category_names)
+    return summary
 
 
 # --------------------------------------------------------------------------------------- FID
@@ -418,10 +538,14 @@ def evaluate(
     lpips_model: nn.Module | None = None,
     fid_extractor: nn.Module | None = None,
     generate: GenerateFn = generate_views_per_seed,
+    baselines: Sequence[str] = BASELINES,
     progress: bool = True,
 ) -> dict:
     """Run the evaluations ``types`` (of :data:`EVALUATION_TYPES`) of ``pipe`` on the NMR-format ``data``
     and write ``metrics.json``, ``metrics.md`` and plots to ``out_dir`` (:func:`write_results`).
+
+    ``baselines``: those of :data:`BASELINES` to score beside the model (:func:`run_nvs`; all by default,
+    ``other_source`` doubles the sampling), reported under ``results["nvs"]["baselines"][name]``.
 
     ``lpips_model`` / ``fid_extractor``: None loads LPIPS-VGG / the FID Inception from local weights; when
     those are missing LPIPS is reported as None and FID as skipped, with the reason, and the rest runs.
@@ -466,6 +590,7 @@ def evaluate(
             batch_objects=batch_objects,
             lpips_model=lpips_model,
             generate=generate,
+            baselines=baselines,
             progress=progress,
         )
         if "nvs" in types:
@@ -473,7 +598,12 @@ def evaluate(
             results["nvs"] = {
                 **summarize_nvs(records, names),
                 "lpips_skipped": lpips_skipped,
-                "settings": {**json.loads((out_dir / NVS_SETTINGS_FILE).read_text()), "ssim_window": SSIM_WINDOW},
+                "settings": {
+                    **json.loads((out_dir / NVS_SETTINGS_FILE).read_text()),
+                    "ssim_window": SSIM_WINDOW,
+                    "ssim_pixelnerf_window": SSIM_PIXELNERF_WINDOW,
+                    "foreground": FOREGROUND,
+                },
             }
         if metric is not None:
             results["fid"] = evaluate_fid(metric, test_objects, records, out_dir)
@@ -494,35 +624,87 @@ def _number(value, digits: int) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+# The columns of the NVS tables: (key, title, decimals).
+NVS_COLUMNS = (
+    ("psnr", "PSNR (dB)", 2),
+    ("ssim", "SSIM", 3),
+    ("ssim_pixelnerf", "SSIM (pixelNeRF)", 3),
+    ("lpips", "LPIPS", 3),
+    ("fg_iou", "FG IoU", 3),
+    ("fg_color_error", "FG colour error", 1),
+)
+
+
+def _metric_cells(row: dict) -> str:
+    return " | ".join(_number(row.get(key), digits) for key, _, digits in NVS_COLUMNS)
+
+
+def _category_label(synset: str, row: dict) -> str:
+    return f"{row['name']} ({synset})" if row["name"] != synset else synset
+
+
+def _baseline_lines(nvs: dict) -> list[str]:
+    """The model beside its baselines: every metric overall, then PSNR and FG IoU per category."""
+    methods = {"**SODA**": nvs, **{BASELINE_TITLES.get(n, n): b for n, b in nvs["baselines"].items()}}
+    titles = " | ".join(title for _, title, _ in NVS_COLUMNS)
+    lines = [
+        "### Against baselines",
+        "",
+        "The same targets scored the same way, predicted by "
+        + "; ".join(BASELINE_DESCRIPTIONS.get(name, name) for name in nvs["baselines"])
+        + ". Higher is better for PSNR, SSIM and FG IoU, lower for LPIPS and FG colour error.",
+        "",
+        f"| prediction | {titles} |",
+        "|---|" + "---:|" * len(NVS_COLUMNS),
+        *(f"| {method} | {_metric_cells(row)} |" for method, row in methods.items()),
+        "",
+        "PSNR (dB) / FG IoU per category:",
+        "",
+        "| category | " + " | ".join(methods) + " |",
+        "|---|" + "---:|" * len(methods),
+    ]
+
+    def cells(rows) -> str:
+        return " | ".join(f"{_number(row['psnr'], 2)} / {_number(row.get('fg_iou'), 3)}" for row in rows)
+
+    lines.append(f"| **all** | {cells(methods.values())} |")
+    for synset, row in nvs["per_category"].items():
+        lines.append(f"| {_category_label(synset, row)} | "
+                     f"{cells(method['per_category'][synset] for method in methods.values())} |")
+    return lines
+
+
 def metrics_markdown(results: dict) -> str:
-    """The results of :func:`evaluate` as a Markdown report: overall and per-category tables."""
+    """The results of :func:`evaluate` as a Markdown report: overall and per-category tables, the NVS
+    metrics of the model and of its baselines."""
     lines = ["# SODA evaluation", ""]
     if "nvs" in results:
         nvs = results["nvs"]
         settings = nvs.get("settings", {})
+        titles = " | ".join(title for _, title, _ in NVS_COLUMNS)
         lines += [
             "## Novel view synthesis",
             "",
             f"{nvs['objects']} test objects, one source view each ({settings.get('source_views', '?')}), "
             f"the {nvs['views_per_object']} other views as targets; {settings.get('scheduler', '?')}, "
             f"{settings.get('num_inference_steps', '?')} steps, guidance {settings.get('guidance_scale', '?')}. "
-            f"PSNR and SSIM on images in [0, 1] (SSIM window: {SSIM_WINDOW}), LPIPS (VGG) on [-1, 1]; "
-            "averaged per object, then over objects.",
+            f"PSNR and SSIM on images in [0, 1] (SSIM window: {SSIM_WINDOW}; SSIM (pixelNeRF): "
+            f"{SSIM_PIXELNERF_WINDOW}), LPIPS (VGG) on [-1, 1]; FG IoU: IoU of the object silhouettes "
+            f"(foreground: {FOREGROUND}; 1 when neither view has any); FG colour error: distance "
+            "between the mean foreground colours in 0-255 RGB (a view without foreground counts with the "
+            "mean colour of the whole view); averaged per object, then over objects.",
             "",
-            "| category | objects | PSNR (dB) | SSIM | LPIPS |",
-            "|---|---:|---:|---:|---:|",
-            f"| **all** | {nvs['objects']} | {_number(nvs['psnr'], 2)} | {_number(nvs['ssim'], 3)} | "
-            f"{_number(nvs['lpips'], 3)} |",
+            f"| category | objects | {titles} |",
+            "|---|---:|" + "---:|" * len(NVS_COLUMNS),
+            f"| **all** | {nvs['objects']} | {_metric_cells(nvs)} |",
         ]
         for synset, row in nvs["per_category"].items():
-            label = f"{row['name']} ({synset})" if row["name"] != synset else synset
-            lines.append(
-                f"| {label} | {row['objects']} | {_number(row['psnr'], 2)} | {_number(row['ssim'], 3)} | "
-                f"{_number(row['lpips'], 3)} |"
-            )
+            lines.append(f"| {_category_label(synset, row)} | {row['objects']} | {_metric_cells(row)} |")
         if nvs.get("lpips_skipped"):
             lines += ["", f"LPIPS skipped: {nvs['lpips_skipped']}"]
         lines.append("")
+        if nvs.get("baselines"):
+            lines += [*_baseline_lines(nvs), ""]
     if "fid" in results:
         fid_result = results["fid"]
         lines += ["## FID", ""]
@@ -554,7 +736,7 @@ def metrics_markdown(results: dict) -> str:
 
 def write_results(out_dir: str | os.PathLike, results: dict) -> list[Path]:
     """Write ``metrics.json``, ``metrics.md`` and a PNG bar chart per metric (NVS metrics per category,
-    probe accuracies) to ``out_dir``; returns the paths written."""
+    the model beside its baselines, probe accuracies) to ``out_dir``; returns the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "metrics.json", out_dir / "metrics.md"]
@@ -562,11 +744,23 @@ def write_results(out_dir: str | os.PathLike, results: dict) -> list[Path]:
     written[1].write_text(metrics_markdown(results))
     if "nvs" in results:
         nvs = results["nvs"]
-        for name, title in (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS (VGG)")):
-            if nvs[name] is None:
+        for name, title in (
+            ("psnr", "PSNR (dB)"),
+            ("ssim", "SSIM"),
+            ("ssim_pixelnerf", "SSIM (pixelNeRF)"),
+            ("lpips", "LPIPS (VGG)"),
+            ("fg_iou", "Foreground IoU"),
+            ("fg_color_error", "Foreground colour error (0-255)"),
+        ):
+            if nvs.get(name) is None:
                 continue
             values = {"all": nvs[name], **{row["name"]: row[name] for row in nvs["per_category"].values()}}
             written.append(plot_bars(values, out_dir / f"nvs_{name}.png", title=f"{title} per category"))
+        if nvs.get("baselines"):
+            for name, title in (("psnr", "PSNR (dB)"), ("fg_iou", "Foreground IoU")):
+                values = {"SODA": nvs[name], **{n: row[name] for n, row in nvs["baselines"].items()}}
+                path = out_dir / f"nvs_baselines_{name}.png"
+                written.append(plot_bars(values, path, title=f"{title}: SODA and its baselines"))
     if "probe" in results:
         probe = results["probe"]
         values = {

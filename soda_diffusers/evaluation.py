@@ -1,7 +1,8 @@
 """Novel view synthesis of whole objects: every other view from one source view, and its scores.
 
 The protocol of pixelNeRF on NMR: one source view per object, the 23 other views as targets
-(never the source itself), PSNR and SSIM on [0, 1] images, averaged per object, then over objects.
+(never the source itself), PSNR and SSIM on [0, 1] images, averaged per object, then over objects;
+beside them the foreground IoU and colour error of :func:`view_scores`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from diffusers import (
 )
 
 from soda_diffusers.cameras import NMR_NUM_VIEWS, nmr_rays
-from soda_diffusers.metrics import psnr, ssim
+from soda_diffusers.metrics import foreground_color_error, foreground_iou, psnr, ssim, ssim_pixelnerf
 
 # Samplers by their command-line names; every one is built from the pipeline's own scheduler config,
 # so the noise schedule and prediction type the model was trained with carry over.
@@ -57,10 +58,26 @@ def generate_views(
     return generate_views_per_seed(pipe, source_images, target_rays, seeds, **pipe_kwargs)
 
 
+# What :func:`view_scores` returns, in this order (see :mod:`soda_diffusers.metrics` for each definition).
+VIEW_METRICS = ("psnr", "ssim", "ssim_pixelnerf", "fg_iou", "fg_color_error")
+
+
 def view_scores(generated: torch.Tensor, targets: torch.Tensor) -> dict[str, list[float]]:
-    """Per-view PSNR and SSIM of images in [-1, 1]."""
+    """Per-view scores of generated views against their targets, ``(N, 3, H, W)`` images in [-1, 1]:
+    one list of N values for each of :data:`VIEW_METRICS`.
+
+    ``psnr``, ``ssim`` (Gaussian window) and ``ssim_pixelnerf`` (pixelNeRF's uniform window) on the
+    images mapped to [0, 1]; ``fg_iou``, the IoU of the object silhouettes on the white background, and
+    ``fg_color_error``, the distance in 0-255 RGB between the mean object colours: what a person sees
+    first (is the shape there, is it the right colour), which PSNR and SSIM can rate below a grey blur."""
     generated, targets = (generated.float().clamp(-1, 1) + 1) / 2, (targets.float().clamp(-1, 1) + 1) / 2
-    return {"psnr": psnr(generated, targets).tolist(), "ssim": ssim(generated, targets).tolist()}
+    return {
+        "psnr": psnr(generated, targets).tolist(),
+        "ssim": ssim(generated, targets).tolist(),
+        "ssim_pixelnerf": ssim_pixelnerf(generated, targets).tolist(),
+        "fg_iou": foreground_iou(generated, targets).tolist(),
+        "fg_color_error": foreground_color_error(generated, targets).tolist(),
+    }
 
 
 def set_scheduler(pipe, name: str):

@@ -1,7 +1,13 @@
-"""Image metrics for novel view synthesis: PSNR, SSIM, LPIPS (VGG), FID, and their aggregation.
+"""Image metrics for novel view synthesis: PSNR, SSIM, LPIPS (VGG), FID, foreground IoU and colour
+error, and their aggregation.
 
 The single-view NMR protocol of pixelNeRF: PSNR and SSIM on images in [0, 1], LPIPS (VGG) on
 images in [-1, 1], each averaged over an object's target views, then over objects (:func:`aggregate`).
+SSIM comes twice: :func:`ssim` (Gaussian window, the usual modern choice) and :func:`ssim_pixelnerf`
+(skimage's uniform window with sample covariances, the numbers pixelNeRF published). PSNR rewards
+blurry means of the plausible views; :func:`foreground_iou` (is the silhouette right?) and
+:func:`foreground_color_error` (is the object's colour right?) say what a person looking at the
+views sees first.
 
 Pretrained networks are never downloaded: LPIPS needs torchvision's ImageNet VGG16 checkpoint and
 FID the TensorFlow FID Inception converted to PyTorch; both are read from local files (explicit path,
@@ -27,6 +33,13 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 PSNR_MAX = 100.0
 SSIM_SIGMA = 1.5
 SSIM_RADIUS = 5  # torchmetrics' Gaussian window: int(3.5 * sigma + 0.5) taps each side -> 11x11
+SSIM_PIXELNERF_WINDOW = 7  # skimage's default win_size, which pixelNeRF's compare_ssim call kept
+# NMR renders objects on a pure white background (255, 255, 255); only anti-aliased silhouette edges
+# blend into it. A pixel is foreground when its darkest channel is at most 239 of 255 (below 240/255):
+# edge pixels that carry a visible part of the object count, and the faint off-white haze a sampler
+# leaves on the background does not. The cut sits half a level below 240 so that 8-bit values that went
+# through [-1, 1] and back never land on it. An object painted near-white is partly invisible to it.
+FOREGROUND_THRESHOLD = 239.5 / 255
 
 VGG16_FILENAME = "vgg16-397923af.pth"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -82,7 +95,7 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     as in Wang et al.'s reference code and skimage -- and over channels. (torchmetrics itself averages
     the whole map, borders computed on mirror-padded images; on a 64 px view that border is 29% of
     the pixels.) pixelNeRF's published SSIM used skimage's default 7x7 uniform window with sample
-    variances, so its numbers are close to, not identical with, these.
+    variances, so its numbers are close to, not identical with, these; :func:`ssim_pixelnerf` gives those.
     Images are clipped to [0, 1] first; H and W must be at least 11.
     """
     pred, target = pred.float().clamp(0, 1), target.float().clamp(0, 1)
@@ -97,6 +110,83 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     )
     r = SSIM_RADIUS
     return ssim_map[..., r:-r, r:-r].mean(dim=(1, 2, 3))
+
+
+def ssim_pixelnerf(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM as pixelNeRF reported it, of ``(N, C, H, W)`` images in [0, 1] -> ``(N,)``.
+
+    pixelNeRF scored with ``skimage.measure.compare_ssim(..., multichannel=True, data_range=1)``, i.e.
+    skimage's defaults: a 7x7 uniform window, sample (ddof 1) variances and covariance (the window
+    statistics times 49/48), K1 = 0.01, K2 = 0.03, each channel's SSIM map averaged over the valid
+    region (3 pixels cropped on each side, where the window stays inside the image), then the mean
+    over channels. Written out here because torchmetrics has no uniform-window, sample-covariance mode;
+    computed in float64 so that the differences of window moments keep their digits. Images are
+    clipped to [0, 1] first; H and W must be at least 7.
+    """
+    pred, target = pred.double().clamp(0, 1), target.double().clamp(0, 1)
+    window = SSIM_PIXELNERF_WINDOW
+    stacked = torch.cat([pred, target, pred * pred, target * target, pred * target])
+    moments = F.avg_pool2d(stacked, window, stride=1)  # the valid region only: no padding
+    mean_x, mean_y, mean_xx, mean_yy, mean_xy = moments.chunk(5)
+    cov_norm = window**2 / (window**2 - 1)
+    var_x, var_y = cov_norm * (mean_xx - mean_x**2), cov_norm * (mean_yy - mean_y**2)
+    cov_xy = cov_norm * (mean_xy - mean_x * mean_y)
+    c1, c2 = 0.01**2, 0.03**2
+    ssim_map = ((2 * mean_x * mean_y + c1) * (2 * cov_xy + c2)) / (
+        (mean_x**2 + mean_y**2 + c1) * (var_x + var_y + c2)
+    )
+    # Every channel's map has the same size, so one mean is the mean of the per-channel means.
+    return ssim_map.mean(dim=(1, 2, 3)).float()
+
+
+# --------------------------------------------------------------------------------------- foreground
+
+
+def foreground_mask(images: torch.Tensor) -> torch.Tensor:
+    """Object pixels of ``(N, 3, H, W)`` images in [0, 1] on NMR's white background -> bool ``(N, H, W)``:
+    those whose darkest channel is below :data:`FOREGROUND_THRESHOLD` (at most 239 of 255).
+    Images are clipped to [0, 1] first."""
+    return images.float().clamp(0, 1).amin(dim=1) < FOREGROUND_THRESHOLD
+
+
+def foreground_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image intersection over union of the foreground masks (:func:`foreground_mask`) of
+    ``(N, 3, H, W)`` images in [0, 1] -> ``(N,)`` in [0, 1]: is the silhouette where it should be?
+
+    When neither image has a foreground pixel the masks agree perfectly and the IoU is 1.0; when only
+    one has, it is 0. (torchmetrics' Jaccard index pools a whole batch; this is one value per view.)
+    """
+    pred_mask, target_mask = foreground_mask(pred), foreground_mask(target)
+    intersection = (pred_mask & target_mask).sum(dim=(1, 2))
+    union = (pred_mask | target_mask).sum(dim=(1, 2))
+    iou = intersection.float() / union.clamp(min=1).float()
+    return torch.where(union == 0, torch.ones_like(iou), iou)
+
+
+def mean_foreground_color(images: torch.Tensor) -> torch.Tensor:
+    """The mean colour of each image's foreground (:func:`foreground_mask`), in 0-255 RGB: ``(N, 3)``.
+
+    An image without a foreground pixel gets the mean colour of the whole image (near white): a view
+    that lost its object is then as far from the target's colour as a white patch, never left out of
+    the averages (leaving it out would reward samplers that draw nothing where they are unsure).
+    """
+    images = images.float().clamp(0, 1)
+    mask = foreground_mask(images).unsqueeze(1)
+    images = images * 255
+    count = mask.sum(dim=(2, 3))
+    foreground_mean = (images * mask).sum(dim=(2, 3)) / count.clamp(min=1)
+    return torch.where(count > 0, foreground_mean, images.mean(dim=(2, 3)))
+
+
+def foreground_color_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image Euclidean distance between the mean foreground colours (:func:`mean_foreground_color`,
+    each image over its own mask) of ``(N, 3, H, W)`` images in [0, 1] -> ``(N,)``, in 0-255 RGB units
+    (0 to 255 * sqrt(3) = 441.7): is the object the right colour, wherever it was drawn?
+
+    An image with an empty mask contributes the mean of the whole image (near white), so the value is
+    always finite: about 0 when both masks are empty, large when only the generated view lost the object.
+    """
+    return (mean_foreground_color(pred) - mean_foreground_color(target)).norm(dim=1)
 
 
 # --------------------------------------------------------------------------------------- LPIPS

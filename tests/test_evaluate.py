@@ -17,6 +17,8 @@ from soda_diffusers import orbit_rays
 from soda_diffusers.cli import main as cli_main
 from soda_diffusers.data import NMRObjects, make_synthetic_nmr
 from soda_diffusers.evaluate_nvs import (
+    BASELINES,
+    NVS_METRICS,
     NVS_RECORDS_FILE,
     evaluate,
     evaluate_probe,
@@ -27,7 +29,17 @@ from soda_diffusers.evaluate_nvs import (
     select_objects,
 )
 from soda_diffusers.evaluation import SCHEDULERS, generate_views_per_seed, set_scheduler, view_seeds
-from soda_diffusers.metrics import LPIPS, PSNR_MAX, fid, fid_metric, psnr, ssim
+from soda_diffusers.metrics import (
+    LPIPS,
+    PSNR_MAX,
+    fid,
+    fid_metric,
+    foreground_color_error,
+    foreground_iou,
+    psnr,
+    ssim,
+    ssim_pixelnerf,
+)
 
 CATEGORIES = ["airplane", "car", "sofa"]
 SIZE = 16  # the tiny pipeline's resolution
@@ -138,12 +150,14 @@ def test_the_source_view_is_never_a_target(test_objects, tmp_path):
     records = run_nvs(make_tiny_pipeline(), test_objects, tmp_path, generate=check_rays, batch_objects=2,
                       progress=False)
     assert len(records) == len(test_objects) == 3
-    assert sum(len(s) for s in sources_seen) == 3 * 23
+    # Two passes per batch: the model from each object's source, the other-source baseline from the next one's.
+    assert sum(len(s) for s in sources_seen) == 2 * 3 * 23
     for record, obj in zip(records, test_objects):
         assert record["object_id"] == obj["object_id"]
         assert record["source_view"] not in record["target_views"]
         assert sorted(record["target_views"] + [record["source_view"]]) == list(range(24))
-        assert len(record["psnr"]) == len(record["ssim"]) == 23 and record["lpips"] is None
+        assert all(len(record[name]) == 23 for name in NVS_METRICS if name != "lpips") and record["lpips"] is None
+        assert list(record["baselines"]) == list(BASELINES)
 
 
 def test_a_perfect_generator_scores_the_caps(nmr, test_objects, tmp_path):
@@ -167,6 +181,16 @@ def test_a_perfect_generator_scores_the_caps(nmr, test_objects, tmp_path):
     for record in read_nvs_records(tmp_path / NVS_RECORDS_FILE).values():
         assert record["psnr"] == [PSNR_MAX] * 23
     assert results["fid"]["images"] == 3 * 23 and abs(results["fid"]["fid"]) < 1e-3
+    assert nvs["fg_iou"] == 1.0 and nvs["fg_color_error"] == 0.0
+    assert nvs["ssim_pixelnerf"] == pytest.approx(1.0, abs=1e-6)
+    baselines = nvs["baselines"]
+    assert list(baselines) == list(BASELINES)
+    # The generator ignores the source view: given another object's, it is just as perfect.
+    assert baselines["other_source"]["psnr"] == PSNR_MAX and baselines["other_source"]["fg_iou"] == 1.0
+    for name in ("copy_source", "mean_image"):
+        assert baselines[name]["psnr"] < 40 and baselines[name]["fg_iou"] < 0.95
+        assert baselines[name]["fg_color_error"] > 0 and baselines[name]["lpips"] > 0
+        assert set(baselines[name]["per_category"]) == set(nvs["per_category"])
 
 
 def test_copy_source_scores_what_the_metrics_give_by_hand(nmr, tmp_path):
@@ -180,6 +204,8 @@ def test_copy_source_scores_what_the_metrics_give_by_hand(nmr, tmp_path):
                        progress=False)
 
     expected, real_views, copied_views = {}, [], []
+    direct = {"psnr": psnr, "ssim": ssim, "ssim_pixelnerf": ssim_pixelnerf, "fg_iou": foreground_iou,
+              "fg_color_error": foreground_color_error}
     for obj in objects:
         source_view = chosen[obj["object_id"]]
         targets = torch.cat([obj["images"][:source_view], obj["images"][source_view + 1 :]])
@@ -188,16 +214,17 @@ def test_copy_source_scores_what_the_metrics_give_by_hand(nmr, tmp_path):
         copied_views.append((source + 1) / 2)
         with torch.no_grad():
             expected[obj["category"]] = {
-                "psnr": psnr((source + 1) / 2, (targets + 1) / 2).mean().item(),
-                "ssim": ssim((source + 1) / 2, (targets + 1) / 2).mean().item(),
+                **{name: f((source + 1) / 2, (targets + 1) / 2).mean().item() for name, f in direct.items()},
                 "lpips": lpips_model(source, targets).mean().item(),
             }
     nvs = results["nvs"]
     for category, row in nvs["per_category"].items():
-        for metric in ("psnr", "ssim", "lpips"):
-            assert row[metric] == pytest.approx(expected[category][metric], rel=1e-5, abs=1e-7)
-    for metric in ("psnr", "ssim", "lpips"):
-        assert nvs[metric] == pytest.approx(np.mean([e[metric] for e in expected.values()]), rel=1e-5)
+        for metric in NVS_METRICS:
+            assert row[metric] == pytest.approx(expected[category][metric], rel=1e-5, abs=1e-6)
+            # The generator copies the source: the model is its own copy-source baseline.
+            assert nvs["baselines"]["copy_source"]["per_category"][category][metric] == row[metric]
+    for metric in NVS_METRICS:
+        assert nvs[metric] == pytest.approx(np.mean([e[metric] for e in expected.values()]), rel=1e-5, abs=1e-6)
     assert 5 < nvs["psnr"] < 40 and nvs["lpips"] > 0
     records = read_nvs_records(tmp_path / "out" / NVS_RECORDS_FILE)
     assert {oid: r["source_view"] for oid, r in records.items()} == chosen
@@ -209,6 +236,42 @@ def test_copy_source_scores_what_the_metrics_give_by_hand(nmr, tmp_path):
     source_uint8 = ((obj["images"][11] + 1) / 2 * 255).round().to(torch.uint8)
     assert torch.equal(saved, source_uint8.expand(23, -1, -1, -1))
 
+    # The baselines of one object, computed directly: copy its source; the mean of every train view;
+    # the next object's source view through the (copying) generator.
+    record = records[obj["object_id"]]
+    targets = (obj["images"][record["target_views"]] + 1) / 2
+    train = NMRObjects(nmr, split="train", image_size=SIZE)
+    mean_image = (torch.stack([o["images"] for o in train]).double().mean(dim=(0, 1)).float() + 1) / 2
+    donor = objects[2]
+    predictions = {
+        "copy_source": (obj["images"][11] + 1) / 2,
+        "mean_image": mean_image,
+        "other_source": (donor["images"][chosen[donor["object_id"]]] + 1) / 2,
+    }
+    assert record["baselines"]["other_source"]["source_object"] == donor["object_id"]
+    assert record["baselines"]["other_source"]["source_view"] == chosen[donor["object_id"]]
+    for name, prediction in predictions.items():
+        scores = record["baselines"][name]
+        prediction = prediction.expand_as(targets)
+        assert scores["psnr"] == pytest.approx(psnr(prediction, targets).tolist(), rel=1e-5)
+        assert scores["fg_iou"] == pytest.approx(foreground_iou(prediction, targets).tolist(), abs=1e-6)
+        assert scores["lpips"] == pytest.approx(lpips_model(prediction * 2 - 1, targets * 2 - 1).tolist(), rel=1e-4)
+    # The last object's "other" source is the first object's.
+    last = records[objects.object_ids[2]]["baselines"]["other_source"]
+    assert last["source_object"] == objects.object_ids[0] and last["source_view"] == 0
+
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())["nvs"]
+    assert set(written["baselines"]) == set(BASELINES)
+    for row in (written, *written["baselines"].values()):
+        assert set(NVS_METRICS) <= set(row) and all(isinstance(row[m], float) for m in NVS_METRICS)
+    assert written["baselines"]["copy_source"]["psnr"] == pytest.approx(nvs["psnr"])
+    report = (tmp_path / "out" / "metrics.md").read_text()
+    for text in ("SSIM (pixelNeRF)", "FG IoU", "FG colour error", "| **SODA** |", "| copy the source view |",
+                 "| mean training image |", "| SODA, another object's source view |"):
+        assert text in report
+    copy_row = next(line for line in report.splitlines() if line.startswith("| copy the source view |"))
+    assert f"| {nvs['psnr']:.2f} |" in copy_row
+
 
 def test_an_interrupted_evaluation_resumes_where_it_stopped(test_objects, tmp_path):
     pipe = make_tiny_pipeline()
@@ -218,12 +281,16 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(test_objects, tmp_pa
     class Interrupted(Exception):
         pass
 
-    generated_objects = []
+    generated_objects, calls = [], []
 
     def interrupt_after(k):
+        """Raise on the pipeline call after the k-th (each batch makes two: the model's pass and the
+        other-source baseline's)."""
+
         def generate(pipe, source_images, target_rays, seeds, **kwargs):
-            if len(generated_objects) >= k:
+            if len(calls) >= k:
                 raise Interrupted
+            calls.append(len(seeds))
             generated_objects.extend(range(len(seeds) // 23))
             return generate_views_per_seed(pipe, source_images, target_rays, seeds, **kwargs)
 
@@ -231,7 +298,7 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(test_objects, tmp_pa
 
     out = tmp_path / "resumed"
     with pytest.raises(Interrupted):
-        run_nvs(pipe, test_objects, out, generate=interrupt_after(2), **options)
+        run_nvs(pipe, test_objects, out, generate=interrupt_after(3), **options)  # in the second batch
     lines = (out / NVS_RECORDS_FILE).read_text().splitlines()
     assert len(lines) == 2
     # A run killed in the middle of writing a line leaves it unfinished.
@@ -239,8 +306,9 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(test_objects, tmp_pa
         handle.write('{"object_id": "02958343/unfinished", "psnr": [1')
 
     generated_objects.clear()
+    calls.clear()
     resumed = run_nvs(pipe, test_objects, out, generate=interrupt_after(10), **options)
-    assert len(generated_objects) == 1, "only the object left was generated again"
+    assert len(generated_objects) == 2, "only the object left was generated again (and its baseline)"
     lines = (out / NVS_RECORDS_FILE).read_text().splitlines()
     ids = [json.loads(line)["object_id"] for line in lines]
     assert sorted(ids) == sorted(test_objects.object_ids)
@@ -248,6 +316,8 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(test_objects, tmp_pa
         assert whole["object_id"] == again["object_id"] and whole["source_view"] == again["source_view"]
         assert again["psnr"] == pytest.approx(whole["psnr"], rel=1e-5)
         assert again["ssim"] == pytest.approx(whole["ssim"], rel=1e-4, abs=1e-6)
+        for name in BASELINES:
+            assert again["baselines"][name]["psnr"] == pytest.approx(whole["baselines"][name]["psnr"], rel=1e-4)
 
     # Other batch sizes draw the same noise for the same views.
     one_at_a_time = run_nvs(pipe, test_objects, tmp_path / "single", **{**options, "batch_objects": 1})
@@ -256,6 +326,27 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(test_objects, tmp_pa
 
     with pytest.raises(ValueError, match="num_inference_steps"):
         run_nvs(pipe, test_objects, out, **{**options, "num_inference_steps": 3})
+
+
+def test_the_costly_baseline_can_be_skipped(test_objects, tmp_path):
+    calls = []
+
+    def generate(pipe, source_images, target_rays, seeds, **kwargs):
+        calls.append(len(seeds))
+        return source_images.clone()
+
+    options = dict(generate=generate, batch_objects=3, progress=False)
+    records = run_nvs(make_tiny_pipeline(), test_objects, tmp_path, baselines=("mean_image", "copy_source"),
+                      **options)
+    assert calls == [3 * 23], "one pipeline call: no second pass for the other-source baseline"
+    assert all(list(record["baselines"]) == ["copy_source", "mean_image"] for record in records)
+    # Resuming asks for the same baselines: a record without one could not be averaged with the others.
+    with pytest.raises(ValueError, match="baselines"):
+        run_nvs(make_tiny_pipeline(), test_objects, tmp_path, **options)
+    with pytest.raises(ValueError, match="no_model"):
+        run_nvs(make_tiny_pipeline(), test_objects, tmp_path / "other", baselines=("no_model",), **options)
+    none = run_nvs(make_tiny_pipeline(), test_objects, tmp_path / "none", baselines=(), **options)
+    assert all(record["baselines"] == {} for record in none)
 
 
 def test_probe_results(nmr):
@@ -320,12 +411,15 @@ def test_cli_evaluate_all_writes_the_documented_outputs(nmr, saved_pipeline, tmp
     assert {"psnr", "ssim", "lpips", "objects", "views_per_object", "per_category"} <= set(nvs)
     assert nvs["lpips"] is None and "vgg16" in nvs["lpips_skipped"]
     assert nvs["objects"] == 2 and nvs["views_per_object"] == 23 and len(nvs["per_category"]) == 2
-    assert isinstance(nvs["psnr"], float) and isinstance(nvs["ssim"], float)
+    assert all(isinstance(nvs[name], float) for name in NVS_METRICS if name != "lpips")
+    assert set(nvs["baselines"]) == set(BASELINES)
+    assert all(len(row["per_category"]) == 2 for row in nvs["baselines"].values())
     assert {"linear_acc", "knn_acc", "random_encoder"} <= set(metrics["probe"])
     assert set(metrics["probe"]["random_encoder"]) == {"linear_acc", "knn_acc"}
     assert metrics["fid"]["fid"] is None and "SODA_FID_INCEPTION" in metrics["fid"]["skipped"]
     report = (out / "metrics.md").read_text()
     assert "airplane" in report and "car" in report and "FID" in report and "random init" in report
-    for plot in ("nvs_psnr.png", "nvs_ssim.png", "probe.png"):
+    assert "mean training image" in report and "FG IoU" in report
+    for plot in ("nvs_psnr.png", "nvs_ssim.png", "nvs_fg_iou.png", "nvs_baselines_psnr.png", "probe.png"):
         assert PIL.Image.open(out / plot).size[0] >= 320
     assert not (out / "nvs_lpips.png").exists()

@@ -9,7 +9,9 @@ from conftest import TinyFeatures
 from scipy import ndimage
 from torch import nn
 
+from soda_diffusers.evaluation import VIEW_METRICS, view_scores
 from soda_diffusers.metrics import (
+    FOREGROUND_THRESHOLD,
     LPIPS,
     PSNR_MAX,
     InceptionV3Features,
@@ -18,9 +20,13 @@ from soda_diffusers.metrics import (
     aggregate,
     fid,
     fid_metric,
+    foreground_color_error,
+    foreground_iou,
+    foreground_mask,
     psnr,
     resize_bilinear_tf1,
     ssim,
+    ssim_pixelnerf,
     to_uint8,
 )
 
@@ -95,6 +101,124 @@ def test_ssim_matches_scipy_reference_on_the_valid_region():
 def test_ssim_of_identical_images_is_one():
     images = torch.from_numpy(smooth_images(5)).float()
     torch.testing.assert_close(ssim(images, images), torch.ones(3))
+
+
+def reference_ssim_pixelnerf(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """skimage's structural_similarity with its defaults (what pixelNeRF's compare_ssim call used), written
+    out: per channel, float64, 7x7 uniform_filter, sample covariances (49/48), map cropped by 3, mean;
+    then the mean over channels."""
+    win, c1, c2 = 7, 0.01**2, 0.03**2
+    cov_norm = win**2 / (win**2 - 1)
+
+    def filt(x):
+        return ndimage.uniform_filter(x, size=win)
+
+    values = []
+    for x, y in zip(pred.astype(np.float64), target.astype(np.float64)):
+        per_channel = []
+        for xc, yc in zip(x, y):
+            ux, uy = filt(xc), filt(yc)
+            vx = cov_norm * (filt(xc * xc) - ux * ux)
+            vy = cov_norm * (filt(yc * yc) - uy * uy)
+            vxy = cov_norm * (filt(xc * yc) - ux * uy)
+            s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+            pad = (win - 1) // 2
+            per_channel.append(s[pad:-pad, pad:-pad].mean())
+        values.append(np.mean(per_channel))
+    return np.array(values)
+
+
+def test_ssim_pixelnerf_matches_a_skimage_style_reference():
+    rng = np.random.default_rng(6)
+    noise_target = rng.random((2, 3, 20, 27))  # no structure at all, non-square
+    noise_pred = np.clip(noise_target + 0.3 * rng.standard_normal(noise_target.shape), 0, 1)
+    target = smooth_images(3)
+    pred = np.clip(target + np.array([0.02, 0.1, 0.3])[:, None, None, None] * smooth_images(4), 0, 1)
+    for p, t in ((pred, target), (noise_pred, noise_target)):
+        expected = reference_ssim_pixelnerf(p, t)
+        value = ssim_pixelnerf(torch.from_numpy(p).float(), torch.from_numpy(t).float())
+        assert value.shape == (len(p),) and value.dtype == torch.float32
+        np.testing.assert_allclose(value.numpy(), expected, atol=1e-5)
+    assert 0.2 < expected.min() < expected.max() < 0.99  # the fixture is not degenerate
+    # A window of 7 and sample covariances are not the Gaussian 11x11 of ssim(): the two differ.
+    assert not np.allclose(ssim_pixelnerf(torch.from_numpy(pred), torch.from_numpy(target)).numpy(),
+                           ssim(torch.from_numpy(pred).float(), torch.from_numpy(target).float()).numpy(), atol=1e-3)
+
+
+def test_ssim_pixelnerf_of_identical_images_is_one_and_clips():
+    images = torch.from_numpy(smooth_images(5)).float()
+    torch.testing.assert_close(ssim_pixelnerf(images, images), torch.ones(3))
+    flat = torch.full((1, 3, 7, 7), 0.5)  # the smallest size: one window
+    torch.testing.assert_close(ssim_pixelnerf(flat, flat), torch.ones(1))
+    overshoot = images + 0.5
+    torch.testing.assert_close(ssim_pixelnerf(overshoot, images), ssim_pixelnerf(overshoot.clamp(0, 1), images))
+
+
+# ------------------------------------------------------------------------------------ foreground
+
+
+def canvas(height: int = 4, width: int = 5, **patches) -> torch.Tensor:
+    """One white image ``(1, 3, H, W)`` in [0, 1] with flat-coloured patches: ``name=(rows, cols, rgb255)``."""
+    image = torch.ones(1, 3, height, width)
+    for rows, cols, rgb in patches.values():
+        image[0, :, rows, cols] = torch.tensor(rgb, dtype=torch.float32)[:, None, None] / 255
+    return image
+
+
+def test_foreground_is_a_darkest_channel_at_most_239_of_255():
+    levels = torch.arange(256, dtype=torch.uint8)
+    # Every 8-bit grey level, and one channel at that level with the others white, through [-1, 1] and back
+    grey = levels.view(1, 1, 1, 256).expand(1, 3, 1, 256)
+    one_channel = torch.full((1, 3, 1, 256), 255, dtype=torch.uint8)
+    one_channel[:, 1] = levels
+    for image in (grey, one_channel):
+        model_range = image.float() / 127.5 - 1
+        mask = foreground_mask((model_range + 1) / 2)[0, 0]
+        assert mask.tolist() == [level <= 239 for level in range(256)]
+    assert 239 / 255 < FOREGROUND_THRESHOLD < 240 / 255
+
+
+def test_foreground_iou_on_hand_made_masks():
+    target = canvas(square=(slice(0, 2), slice(0, 2), (200, 30, 30)))  # 4 foreground pixels
+    shifted = canvas(square=(slice(0, 2), slice(1, 4), (10, 10, 10)))  # 6 pixels, 2 shared: 2 / 8
+    empty, faint = canvas(), canvas(haze=(slice(None), slice(None), (250, 245, 240)))  # no foreground
+    pred = torch.cat([target, shifted, empty, empty, faint, target])
+    targets = torch.cat([target, target, target, empty, empty, faint])
+    iou = foreground_iou(pred, targets)
+    assert iou.shape == (6,)
+    torch.testing.assert_close(iou, torch.tensor([1.0, 2 / 8, 0.0, 1.0, 1.0, 0.0]))
+
+
+def test_foreground_color_error_on_flat_colours():
+    red = canvas(square=(slice(0, 2), slice(0, 2), (255, 0, 0)))
+    blue_elsewhere = canvas(square=(slice(2, 4), slice(1, 5), (0, 0, 255)))
+    # Half dark red, half light red: the mean foreground colour is (150, 0, 0)
+    two_reds = canvas(a=(slice(0, 1), slice(None), (100, 0, 0)), b=(slice(1, 2), slice(None), (200, 0, 0)))
+    empty, tinted = canvas(), canvas(haze=(slice(None), slice(None), (250, 250, 250)))
+    pred = torch.cat([red, blue_elsewhere, two_reds, empty, tinted])
+    targets = torch.cat([red, red, red, red, empty])
+    error = foreground_color_error(pred, targets)
+    assert error.shape == (5,)
+    expected = [
+        0.0,
+        math.hypot(255, 255),  # where the object is does not matter, only its colour
+        105.0,  # (150, 0, 0) against (255, 0, 0)
+        math.hypot(255, 255),  # no foreground: the whole image's mean, white, against red
+        math.sqrt(3) * 5,  # neither has foreground: the two whole-image means, both near white
+    ]
+    torch.testing.assert_close(error, torch.tensor(expected), atol=1e-3, rtol=0)
+    assert torch.isfinite(error).all()
+
+
+def test_view_scores_keeps_its_keys_and_adds_the_new_metrics():
+    target = canvas(8, 8, square=(slice(2, 6), slice(2, 6), (30, 60, 90))).expand(2, -1, -1, -1) * 2 - 1
+    generated = torch.stack([target[0], torch.ones(3, 8, 8)])  # perfect; white (object lost)
+    scores = view_scores(generated, target)
+    assert tuple(scores) == VIEW_METRICS and {"psnr", "ssim"} <= set(scores)
+    assert all(isinstance(v, list) and len(v) == 2 for v in scores.values())
+    assert scores["psnr"][0] == PSNR_MAX and scores["fg_iou"] == [1.0, 0.0]
+    assert scores["ssim_pixelnerf"][0] == pytest.approx(1.0) and scores["fg_color_error"][0] == 0.0
+    assert scores["fg_color_error"][1] == pytest.approx(math.dist((30, 60, 90), (255, 255, 255)), abs=1e-3)
 
 
 # ------------------------------------------------------------------------------------ LPIPS
