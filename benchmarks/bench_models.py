@@ -1,12 +1,21 @@
-"""Model throughput on this machine: training steps (samples/s), DDIM-50 sampling (images/s), peak
-memory, and the fraction of the machine's dense matmul throughput the models reach.
+"""Model throughput: training steps (samples/s), DDIM-50 sampling (images/s), peak memory, and the
+fraction of the device's dense matmul peak the training step reaches (counted with PyTorch's flop
+counter, against a large matmul timed on the same device in the same run: bf16 on a GPU, fp32 on CPU).
 
     python benchmarks/bench_models.py [--presets soda-tiny soda-nmr-32] [--batch 32] [--threads N]
+    python benchmarks/bench_models.py --device cuda --presets soda-nmr-64 --batch 128 --precision bf16 \\
+        --options none channels_last tf32 fused compile all
+
+On a GPU each ``--options`` entry is one row (the speed flags of ``training/train_soda.py``: ``channels_last``,
+``tf32``, ``fused`` AdamW, ``compile`` (torch.compile, its time reported apart), ``flash``/``math``
+attention backends, ``all`` = every flag but a forced attention backend), so a flag's gain is measured
+before it becomes a default.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import time
 
@@ -15,70 +24,115 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from soda_diffusers import SODANovelViewPipeline, orbit_rays
 
+OPTIONS = ("none", "channels_last", "tf32", "fused", "compile", "flash", "math", "all")
 
-def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 20) -> float:
+    """Dense matmul throughput of this device: the peak the models are measured against."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+    synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def timed(fn, repeats: int) -> float:
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
     fn()  # warm-up
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    synchronize(device)
     return (time.perf_counter() - start) / repeats
 
 
-def bench_preset(name: str, batch: int, steps: int, sample_batch: int) -> dict:
-    pipe = SODANovelViewPipeline.from_preset(name)
+def bench_preset(name: str, batch: int, steps: int, sample_batch: int, device: torch.device | str = "cpu",
+                 precision: str = "fp32", option: str = "none") -> dict:
+    device = torch.device(device)
+    if option not in OPTIONS:
+        raise ValueError(f"option: expected one of {OPTIONS}, got {option!r}")
+    flags = {"channels_last", "tf32", "fused", "compile"} if option == "all" else {option}
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = "tf32" in flags
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    pipe = SODANovelViewPipeline.from_preset(name).to(device)
     pipe.set_progress_bar_config(disable=True)
     encoder, unet = pipe.encoder.train(), pipe.unet.train()
+    memory_format = torch.channels_last if "channels_last" in flags else torch.contiguous_format
+    encoder.to(memory_format=memory_format)
+    unet.to(memory_format=memory_format)
+    optimizer = torch.optim.AdamW([*encoder.parameters(), *unet.parameters()], lr=1e-4,
+                                  fused=True if "fused" in flags else None)
+    encoder_step, unet_step = encoder, unet
+    if "compile" in flags:
+        encoder_step, unet_step = torch.compile(encoder), torch.compile(unet)
     size = unet.config.sample_size
-    source = torch.rand(batch, 3, size, size) * 2 - 1
-    target = torch.rand(batch, 3, size, size) * 2 - 1
-    rays = orbit_rays([15.0 * (i % 24) for i in range(batch)], size=size)
-    timesteps = torch.randint(0, 1000, (batch,))
-    optimizer = torch.optim.AdamW([*encoder.parameters(), *unet.parameters()], lr=1e-4)
+    source = (torch.rand(batch, 3, size, size, device=device) * 2 - 1).contiguous(memory_format=memory_format)
+    target = (torch.rand(batch, 3, size, size, device=device) * 2 - 1).contiguous(memory_format=memory_format)
+    rays = orbit_rays([15.0 * (i % 24) for i in range(batch)], size=size).to(device)
+    timesteps = torch.randint(0, 1000, (batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    attention = contextlib.nullcontext
+    if flags & {"flash", "math"}:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = SDPBackend.FLASH_ATTENTION if "flash" in flags else SDPBackend.MATH
+        attention = lambda: sdpa_kernel(backend)  # noqa: E731
 
     def train_step():
-        loss = (unet(target, timesteps, rays, encoder(source)).sample - target).square().mean()
+        with autocast, attention():
+            loss = (unet_step(target, timesteps, rays, encoder_step(source)).sample.float() - target).square().mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    start = time.perf_counter()
+    train_step()  # compiles, with torch.compile
+    synchronize(device)
+    first_step_seconds = time.perf_counter() - start
     with FlopCounterMode(display=False) as counter:
-        train_step()
+        with autocast:
+            loss = (unet(target, timesteps, rays, encoder(source)).sample.float() - target).square().mean()
+        loss.backward()
+    optimizer.zero_grad(set_to_none=True)
     step_flops = counter.get_total_flops()
-    step_seconds = timed(train_step, steps)
+    step_seconds = timed(train_step, steps, device)
+    train_memory = peak_memory_gib(device)
 
-    pipe.encoder.eval(), pipe.unet.eval()
-    sample_rays = orbit_rays([15.0 * (i % 24) for i in range(sample_batch)], size=size)
+    encoder.eval(), unet.eval()
+    sample_rays = orbit_rays([15.0 * (i % 24) for i in range(sample_batch)], size=size).to(device)
 
     def sample():
-        pipe(source[0], sample_rays, num_inference_steps=50, output_type="pt")
+        with autocast:
+            pipe(source[0], sample_rays, num_inference_steps=50, output_type="pt")
 
-    with FlopCounterMode(display=False) as counter:
-        sample()
-    sample_flops = counter.get_total_flops()
-    sample_seconds = timed(sample, 1)
+    sample_seconds = timed(sample, 1, device)
     parameters = sum(p.numel() for p in [*encoder.parameters(), *unet.parameters()])
     return {
         "preset": name,
+        "option": option,
         "params_M": parameters / 1e6,
         "train_samples_per_s": batch / step_seconds,
         "train_step_s": step_seconds,
-        "train_gflops_per_s": step_flops / step_seconds / 1e9,
+        "compile_s": first_step_seconds - step_seconds if "compile" in flags else 0.0,
+        "train_tflops_per_s": step_flops / step_seconds / 1e12,
         "ddim50_images_per_s": sample_batch / sample_seconds,
-        "sample_gflops_per_s": sample_flops / sample_seconds / 1e9,
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_memory_gib": train_memory,
     }
 
 
@@ -89,18 +143,29 @@ def main() -> None:
     parser.add_argument("--sample-batch", type=int, default=8, help="images per sampling call")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                        help="autocast precision (default: bf16 on a GPU, fp32 on CPU)")
+    parser.add_argument("--options", nargs="+", default=["none"], choices=OPTIONS, help="speed options, a row each")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    peak = matmul_gflops()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, dense fp32 matmul: {peak:.1f} GFLOP/s")
-    print(f"{'preset':<12} {'params':>8} {'train samples/s':>16} {'step s':>7} {'train %peak':>11} "
-          f"{'DDIM-50 img/s':>14} {'sample %peak':>12} {'peak RSS MiB':>13}")
-    for name in args.presets:
-        r = bench_preset(name, args.batch, args.steps, args.sample_batch)
-        print(f"{r['preset']:<12} {r['params_M']:>7.1f}M {r['train_samples_per_s']:>16.1f} {r['train_step_s']:>7.2f} "
-              f"{100 * r['train_gflops_per_s'] / peak:>10.0f}% {r['ddim50_images_per_s']:>14.2f} "
-              f"{100 * r['sample_gflops_per_s'] / peak:>11.0f}% {r['peak_rss_mib']:>13.0f}")
+    device = torch.device(args.device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peak = matmul_peak_tflops(device, dtype, 8192 if device.type == "cuda" else 1024)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {name}; dense {precision} matmul peak measured here: {peak:.2f} TFLOP/s")
+    print("| preset | option | params | train samples/s | step s | compile s | TFLOP/s | % of peak | "
+          "DDIM-50 images/s | peak memory |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for preset in args.presets:
+        for option in args.options:
+            r = bench_preset(preset, args.batch, args.steps, args.sample_batch, device, precision, option)
+            print(f"| {r['preset']} | {r['option']} | {r['params_M']:.1f}M | {r['train_samples_per_s']:.1f} | "
+                  f"{r['train_step_s']:.3f} | {r['compile_s']:.0f} | {r['train_tflops_per_s']:.3f} | "
+                  f"{100 * r['train_tflops_per_s'] / peak:.1f}% | {r['ddim50_images_per_s']:.2f} | "
+                  f"{r['peak_memory_gib']:.2f} GiB |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,28 @@
 """Training throughput with data loading included: the real training script, run for a few steps per
-config in a fresh process, on the built-in synthetic data (or --data).
+config, dataset and number of DataLoader workers, each run in a fresh process.
 
-Prints per config: samples/s over the steady steps (the first --warmup steps are left out), the
-fraction of each step spent getting the batch ready (data), the seconds to load the dataset and
-build the run (startup), and the peak resident memory of the process.
+Prints per run: samples/s over the steady steps (the first --warmup steps are left out), the fraction
+of each step spent waiting for the batch (data), the seconds from the launch of the process to its
+first step (startup: imports, the model, opening the view stores; workers start within the first
+step, which the steady figures leave out), and the peak resident
+memory of the training process. Each dataset's view stores are built first, and that time is printed
+on its own: the runs then measure training once the cache exists, as every run after the first does.
 
-    python benchmarks/bench_train.py [--configs synthetic-tiny nmr-32] [--steps 8] [--batch 32] [--data PATH]
+    python benchmarks/bench_train.py [--configs synthetic-tiny nmr-32] [--steps 8] [--batch 32]
+                                     [--data PATH ...] [--workers 0 2]
+
+For the data path's scaling, the same config on 390 and 3,900 synthetic objects:
+
+    soda-nvs make-synthetic --out data/syn-30 --objects-per-category 30
+    soda-nvs make-synthetic --out data/syn-300 --objects-per-category 300 --num-workers 2
+    python benchmarks/bench_train.py --configs synthetic-tiny --data data/syn-30 data/syn-300 --workers 0 2 --steps 40
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -23,27 +33,45 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train_soda.py"
 
 
-def bench_config(config: str, steps: int, warmup: int, batch: int | None, data: str | None) -> dict:
+def build_stores(config: str, data: str, cache_dir: str) -> float:
+    """Seconds to build the train and val view stores of ``data`` at the config's resolution."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import train_soda
+
+    from soda_diffusers.data import ViewStore
+
+    args = train_soda.parse_args(["--config", config, "--data", data])
+    size = train_soda.build_pipeline(args).unet.config.sample_size
+    start = time.monotonic()
+    for split in ("train", "val"):
+        ViewStore.open(train_soda.data_path(args), split, size, args.categories, cache_dir=cache_dir)
+    return time.monotonic() - start
+
+
+def bench_run(config: str, steps: int, warmup: int, batch: int | None, data: str | None, workers: int,
+              cache_dir: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
         command = [
             sys.executable, str(SCRIPT), "--config", config, "--output_dir", out, "--max_train_steps", str(steps),
             "--lr_warmup_steps", "0", "--validation_steps", str(10 * steps), "--checkpointing_steps", str(10 * steps),
             "--use_ema", "false", "--report_to", "none", "--mixed_precision", "no",
+            "--dataloader_num_workers", str(workers), "--data_cache_dir", cache_dir,
         ]
         if batch:
             command += ["--train_batch_size", str(batch)]
-        # The GPU configs name the real NMR zip; on this machine they train on the synthetic data.
-        command += ["--data", data] if data else ["--data", ""]
-        start = time.monotonic()
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode:
-            raise SystemExit(f"{config}: training failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
-        total = time.monotonic() - start
+        # The GPU configs name the real NMR zip; without --data they train on the synthetic data.
+        command += ["--data", data or ""]
+        with open(Path(out) / "stdout.txt", "w") as log_file:
+            launched_at = time.time()
+            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+            # The process's own peak (and its DataLoader workers'), not the largest child's so far.
+            _, status, usage = os.wait4(process.pid, 0)
+        if status:
+            output = (Path(out) / "stdout.txt").read_text()
+            raise SystemExit(f"{config}: training failed (status {status}):\n{output[-3000:]}")
         log = [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
         config_used = json.loads((Path(out) / "train_config.json").read_text())
-    # RUSAGE_CHILDREN holds the largest peak of the children so far: one child per config, run in order
-    # of size, so each reading is that config's own peak unless an earlier config was bigger.
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        summary = json.loads((Path(out) / "train_summary.json").read_text())
     steady = log[warmup:]
     step_seconds = [config_used["train_batch_size"] / r["samples_per_s"] for r in steady]
     return {
@@ -53,9 +81,18 @@ def bench_config(config: str, steps: int, warmup: int, batch: int | None, data: 
         "samples_per_s": config_used["train_batch_size"] / statistics.median(step_seconds),
         "step_s": statistics.median(step_seconds),
         "data_fraction": sum(r["data_s"] for r in steady) / sum(step_seconds),
-        "startup_s": total - log[-1]["elapsed_s"],
-        "peak_rss_mib": peak_mib,
+        "startup_s": summary["first_step_at"] - launched_at,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
     }
+
+
+def count_objects(data: str | None) -> str:
+    if not data:
+        return "synthetic"
+    from soda_diffusers.data.storage import open_storage
+
+    storage = open_storage(data)
+    return str(sum(len(storage.object_ids(c, s)) for c in storage.categories() for s in ("train", "val", "test")))
 
 
 def main() -> None:
@@ -64,18 +101,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the figures")
     parser.add_argument("--batch", type=int, default=32, help="batch size for every config (0: the config's own)")
-    parser.add_argument("--data", help="an NMR-format dataset (default: the built-in synthetic data)")
+    parser.add_argument("--data", nargs="+", default=[None], help="NMR-format datasets (default: the synthetic data)")
+    parser.add_argument("--workers", nargs="+", type=int, default=[0], help="DataLoader workers to try")
+    parser.add_argument("--cache-dir", help="where the view stores go (default: a temporary folder)")
     args = parser.parse_args()
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must be larger than --warmup ({args.warmup})")
 
-    print("| config | preset | batch | samples/s | s/step | waiting for data | startup | peak RSS |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for config in args.configs:
-        r = bench_config(config, args.steps, args.warmup, args.batch or None, args.data)
-        print(f"| {r['config']} | {r['preset']} | {r['batch']} | {r['samples_per_s']:.1f} | {r['step_s']:.2f} | "
-              f"{100 * r['data_fraction']:.1f}% | {r['startup_s']:.0f} s | {r['peak_rss_mib'] / 1024:.1f} GiB |",
-              flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-stores-") as temporary:
+        cache_dir = args.cache_dir or temporary
+        rows = []
+        for data in args.data:
+            for config in args.configs:
+                seconds = build_stores(config, data or "", cache_dir)
+                print(f"{config} on {data or 'the synthetic data'}: view stores built in {seconds:.1f} s", flush=True)
+        print("\n| config | objects | workers | batch | samples/s | s/step | waiting for data | startup | peak RSS |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for data in args.data:
+            objects = count_objects(data)
+            for config in args.configs:
+                for workers in args.workers:
+                    r = bench_run(config, args.steps, args.warmup, args.batch or None, data, workers, cache_dir)
+                    rows.append(r)
+                    print(f"| {r['config']} | {objects} | {workers} | {r['batch']} | {r['samples_per_s']:.1f} | "
+                          f"{r['step_s']:.2f} | {100 * r['data_fraction']:.1f}% | {r['startup_s']:.1f} s | "
+                          f"{r['peak_rss_mib']:.0f} MiB |", flush=True)
 
 
 if __name__ == "__main__":

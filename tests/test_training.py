@@ -143,6 +143,8 @@ def test_bad_flags_and_missing_checkpoints_are_reported(synthetic, tmp_path):
         train.parse_args(["--config", "no-such-config"])
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         train.main(train_flags(synthetic, tmp_path, resume_from_checkpoint=tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="--streaming needs --data"):
+        train.main(train_flags("", tmp_path, streaming="true"))
 
 
 def test_schedule_flags_reach_the_saved_pipeline(synthetic, tmp_path):
@@ -290,6 +292,22 @@ def test_streaming_from_local_parquet_trains_and_resumes_from_the_stored_stream_
     assert (run / "checkpoint-2" / "stream_state_0.json").is_file()
     assert train.main(train_flags(parquet, run, resume_from_checkpoint="latest", **flags)) == 0
     assert losses(run) == losses(tmp_path / "straight")
+
+
+def test_speed_flags_train_compiled_and_save_a_pipeline_that_loads(synthetic, tmp_path):
+    # The GPU speed options run on the CPU too: compiled (inductor) models, channels-last, fused AdamW and
+    # a forced attention backend; the compilation is timed on its own (the first step).
+    train = load_script()
+    flags = dict(steps=2, torch_compile="true", channels_last="true", fused_adamw="true", attention_backend="math",
+                 allow_tf32="true")
+    assert train.main(train_flags(synthetic, tmp_path, **flags)) == 0
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["first_step_s"] > 0
+    assert all(loss == loss for loss in losses(tmp_path))
+    pipe = SODANovelViewPipeline.from_pretrained(tmp_path)  # plain weights, no compiled-module prefixes
+    assert not any(key.startswith("_orig_mod") for key in pipe.unet.state_dict())
+    with pytest.raises(ValueError, match="attention_backend"):
+        train.main(train_flags(synthetic, tmp_path / "bad", attention_backend="fast"))
 
 
 def test_push_to_hub_flag_uploads_the_run_and_a_failed_upload_keeps_it(synthetic, tmp_path, monkeypatch, capsys):

@@ -22,6 +22,7 @@ processes together at the end of a step, so they save the same checkpoint and le
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -99,6 +100,11 @@ DEFAULTS = {
     "report_to": "tensorboard",
     "logging_dir": "logs",
     "torch_threads": None,
+    "allow_tf32": False,
+    "channels_last": False,
+    "fused_adamw": False,
+    "torch_compile": False,
+    "attention_backend": "sdpa",
     "push_to_hub": False,
     "hub_model_id": None,
     "hub_private": False,
@@ -197,6 +203,42 @@ def _ignore_stop_signals(worker_id: int) -> None:
     # the step, saves and shuts them down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# PyTorch's scaled-dot-product attention backends (Diffusers' default attention processor calls SDPA);
+# "sdpa" lets PyTorch choose per call.
+ATTENTION_BACKENDS = ("sdpa", "flash", "efficient", "cudnn", "math")
+
+
+def set_speed_options(args, encoder, unet):
+    """Apply the GPU speed flags to the models and the process; returns the attention context of the
+    training step. Each flag is measured by ``benchmarks/bench_models.py`` before it becomes a default."""
+    if args.attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"--attention_backend: expected one of {ATTENTION_BACKENDS}, got {args.attention_backend!r}")
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.channels_last:
+        encoder.to(memory_format=torch.channels_last)
+        unet.to(memory_format=torch.channels_last)
+    if args.attention_backend == "sdpa":
+        return contextlib.nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[args.attention_backend]
+    return lambda: sdpa_kernel(backend)
+
+
+def to_device(batch: dict, device, channels_last: bool = False) -> dict:
+    """The batch on ``device``; images in channels-last layout with ``--channels_last`` (the models' layout)."""
+    moved = {}
+    for key, value in batch.items():
+        value = value.to(device, non_blocking=True)
+        if channels_last and value.ndim == 4:
+            value = value.contiguous(memory_format=torch.channels_last)
+        moved[key] = value
+    return moved
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -326,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (user/repo)")  # before training, not after
+    if args.streaming and not args.data:
+        raise ValueError("--streaming needs --data: a Hub dataset id or a folder of Parquet files (data/<split>-*.parquet)")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     output_dir = Path(args.output_dir)
@@ -340,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
         # processes (accelerate launch --num_processes N, torchrun) would otherwise each train alone.
         cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
+        # torch.compile through Accelerate: prepare() compiles both models (inductor).
+        dynamo_backend="inductor" if args.torch_compile else "no",
         log_with=report_to or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
     )
@@ -352,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     timestep_probs = timestep_weights(args, noise_scheduler.config.num_train_timesteps)
     encoder, unet = pipe.encoder.train(), pipe.unet.train()
     image_size = unet.config.sample_size
+    attention = set_speed_options(args, encoder, unet)
     if args.gradient_checkpointing:
         encoder.enable_gradient_checkpointing()
         unet.enable_gradient_checkpointing()
@@ -372,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         [{"params": encoder.parameters(), "lr": encoder_lr}, {"params": unet.parameters(), "lr": decoder_lr}],
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
+        fused=args.fused_adamw or None,
     )
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
@@ -394,8 +442,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, ema in ema_models.items():
                 ema.save_pretrained(os.path.join(directory, f"{name}_ema"))
             for model in models:
-                name = "encoder" if isinstance(accelerator.unwrap_model(model), SODAEncoder) else "unet"
-                accelerator.unwrap_model(model).save_pretrained(os.path.join(directory, name))
+                model = accelerator.unwrap_model(model, keep_torch_compile=False)
+                name = "encoder" if isinstance(model, SODAEncoder) else "unet"
+                model.save_pretrained(os.path.join(directory, name))
                 weights.pop()
 
     def load_model_hook(models, directory):
@@ -406,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             ema.load_state_dict(loaded.state_dict())
             ema.to(accelerator.device)
         while models:
-            model = accelerator.unwrap_model(models.pop())
+            model = accelerator.unwrap_model(models.pop(), keep_torch_compile=False)
             model_class = type(model)
             name = "encoder" if model_class is SODAEncoder else "unet"
             loaded = model_class.from_pretrained(directory, subfolder=name)
@@ -449,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + 60 * args.max_train_minutes if args.max_train_minutes else None
     step = first_step
     start_time = time.monotonic()
+    first_step_at = time.time()  # wall clock, for benchmarks that time the whole start-up
+    first_step_seconds = None
     train_seconds = 0.0
     exit_code = 0
     batches = training_batches(train_source, first_step, args.max_train_steps, args, accelerator.device)
@@ -456,11 +507,11 @@ def main(argv: list[str] | None = None) -> int:
         step_start = time.monotonic()
         # z-dropout and layer masking inside the U-Net draw from the global RNG: its own stream, per step.
         torch.manual_seed(stream_seed(args.seed, step, rank, "conditioning"))
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
+        batch = to_device(next(batches), accelerator.device, args.channels_last)
         data_seconds = time.monotonic() - step_start
         encoder.train()
         unet.train()
-        with accelerator.autocast():
+        with accelerator.autocast(), attention():
             loss = diffusion_loss(
                 encoder, unet, noise_scheduler, batch, stream_generator(args.seed, step, rank, "timesteps"),
                 stream_generator(args.seed, step, rank, "noise"), args.snr_gamma, timestep_probs,
@@ -488,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
 
         completed = step + 1
         train_seconds += time.monotonic() - step_start
+        if step == first_step:  # with --torch_compile, the compilation is in this step
+            first_step_seconds = time.monotonic() - step_start
         loss_value = accelerator.gather(loss.detach()[None]).mean().item()
         logs = {
             "loss": loss_value,
@@ -538,7 +591,9 @@ def main(argv: list[str] | None = None) -> int:
         final.save_pretrained(output_dir)
         summary = {"train_steps": step, "train_seconds": round(train_seconds, 1), "data": data_path(args),
                    "preset": args.preset, "batch_size": args.train_batch_size, "processes": accelerator.num_processes,
-                   "hardware": describe_hardware(accelerator), "parameter_checksums": checksums}
+                   "hardware": describe_hardware(accelerator), "parameter_checksums": checksums,
+                   "first_step_at": first_step_at, "first_step_s": first_step_seconds,
+                   "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(f"saved the {'EMA ' if ema_models else ''}pipeline to {output_dir}")
         if args.push_to_hub:
@@ -602,7 +657,7 @@ def export_pipeline(accelerator, pipe, ema_models, encoder, unet, calibration_so
     """A standalone inference pipeline holding the EMA weights (or the raw ones without EMA)."""
     components = {}
     for name, model in (("encoder", encoder), ("unet", unet)):
-        model = accelerator.unwrap_model(model)
+        model = accelerator.unwrap_model(model, keep_torch_compile=False)
         copy = type(model).from_config(model.config).to(accelerator.device)
         copy.load_state_dict(model.state_dict())
         if name in ema_models:
