@@ -531,6 +531,7 @@ def evaluate(
     *,
     limit: int | None = None,
     view_list: str | os.PathLike | None = None,
+    split: str = "test",
     seed: int = 0,
     num_inference_steps: int = 50,
     guidance_scale: float = 1.0,
@@ -543,6 +544,10 @@ def evaluate(
 ) -> dict:
     """Run the evaluations ``types`` (of :data:`EVALUATION_TYPES`) of ``pipe`` on the NMR-format ``data``
     and write ``metrics.json``, ``metrics.md`` and plots to ``out_dir`` (:func:`write_results`).
+
+    ``split``: the objects of NVS and FID, ``"test"`` to report, ``"val"`` to tune on. ``view_list``: a
+    pixelNeRF view list fixing each object's source view; None uses the one stored with the data
+    (``source_views.txt``, written with the synthetic data), else :func:`seeded_view`.
 
     ``baselines``: those of :data:`BASELINES` to score beside the model (:func:`run_nvs`; all by default,
     ``other_source`` doubles the sampling), reported under ``results["nvs"]["baselines"][name]``.
@@ -571,7 +576,8 @@ def evaluate(
             results["fid"] = {"fid": None, "skipped": fid_skipped, "images": 0}
 
     if "nvs" in types or metric is not None:
-        test_objects = NMRObjects(data, split="test", image_size=size, view_list=view_list, store=True)
+        test_objects = NMRObjects(data, split=split, image_size=size, store=True,
+                                  view_list=view_list if view_list is not None else "stored")
         lpips_skipped = None
         if lpips_model is None:
             lpips_model, lpips_skipped = load_lpips()
@@ -597,6 +603,7 @@ def evaluate(
             names = dict(zip(test_objects.categories, test_objects.category_names))
             results["nvs"] = {
                 **summarize_nvs(records, names),
+                "split": split,
                 "lpips_skipped": lpips_skipped,
                 "settings": {
                     **json.loads((out_dir / NVS_SETTINGS_FILE).read_text()),
@@ -685,7 +692,7 @@ def metrics_markdown(results: dict) -> str:
         lines += [
             "## Novel view synthesis",
             "",
-            f"{nvs['objects']} test objects, one source view each ({settings.get('source_views', '?')}), "
+            f"{nvs['objects']} {nvs.get('split', 'test')} objects, one source view each ({settings.get('source_views', '?')}), "
             f"the {nvs['views_per_object']} other views as targets; {settings.get('scheduler', '?')}, "
             f"{settings.get('num_inference_steps', '?')} steps, guidance {settings.get('guidance_scale', '?')}. "
             f"PSNR and SSIM on images in [0, 1] (SSIM window: {SSIM_WINDOW}; SSIM (pixelNeRF): "

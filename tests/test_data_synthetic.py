@@ -82,9 +82,14 @@ def test_generation_is_deterministic(all_categories, tmp_path):
     files = read_tree(subset)
     full = read_tree(all_categories)
     # Same seed, same bytes; choosing fewer categories changes none of the objects of the others.
-    assert {name: data for name, data in files.items() if name != "metadata.yaml"} == {
+    index_files = ("metadata.yaml", "source_views.txt")
+    assert {name: data for name, data in files.items() if name not in index_files} == {
         name: data for name, data in full.items() if name.split("/")[0] in ("02958343", "03636649")
     }
+    # The held-out objects' source views too: the subset's lines are the full list's lines of its categories.
+    subset_views = files["source_views.txt"].decode().splitlines()
+    full_views = full["source_views.txt"].decode().splitlines()
+    assert subset_views and subset_views == [line for line in full_views if line.split()[0] in ("02958343", "03636649")]
     archive = make_synthetic_nmr(
         tmp_path / "subset", 3, seed=SEED, categories=["lamp", "car"], zip=True, num_workers=2
     )

@@ -339,7 +339,7 @@ def test_push_to_hub_flag_uploads_the_run_and_a_failed_upload_keeps_it(synthetic
     assert (tmp_path / "offline" / "model_index.json").is_file()
 
 
-def test_quickstart_writes_the_report_files(synthetic, tmp_path):
+def test_quickstart_writes_the_report_files_and_evaluate_reproduces_its_numbers(synthetic, tmp_path):
     from soda_diffusers.cli import main
 
     out = tmp_path / "quickstart"
@@ -348,10 +348,25 @@ def test_quickstart_writes_the_report_files(synthetic, tmp_path):
                  "--train-args", extra])
     assert code == 0
     result = json.loads((out / "quickstart.json").read_text())
-    assert set(result) >= {"model", "copy_source", "mean_image", "other_source", "objects", "train_steps", "train_seconds"}
+    assert set(result) >= {"model", "copy_source", "mean_image", "other_source", "one_step", "objects", "train_steps",
+                           "train_seconds", "evaluate_command"}
     assert result["objects"] == 2 and result["train_steps"] == 3
     for key in ("model", "copy_source", "mean_image", "other_source", "one_step"):
         assert 0 < result[key]["psnr"] < 100 and -1 <= result[key]["ssim"] <= 1
+        assert 0 <= result[key]["fg_iou"] <= 1 and 0 <= result[key]["fg_color_error"] <= 442
     assert (out / "loss.png").is_file() and (out / "report.md").is_file()
     assert len(list((out / "samples").glob("*-orbit.gif"))) == 2
     assert SODANovelViewPipeline.from_pretrained(out / "pipeline").unet.config.sample_size == 32
+
+    # One protocol: the evaluation command the report names gives the very same numbers.
+    command = shlex.split(result["evaluate_command"])[1:] + ["--out", str(tmp_path / "evaluate")]
+    assert main(command) == 0
+    nvs = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())["nvs"]
+    scores = {"model": nvs, **nvs["baselines"]}
+    for method in ("model", "copy_source", "mean_image", "other_source"):
+        for metric, value in result[method].items():
+            assert scores[method][metric] == value, (method, metric)
+    # The source views are the data's own list, as written with the synthetic data.
+    records = [json.loads(line) for line in (tmp_path / "evaluate" / "nvs_objects.jsonl").read_text().splitlines()]
+    stored = {f"{c}/{o}": int(v) for c, o, v in (line.split() for line in (synthetic / "source_views.txt").read_text().splitlines())}
+    assert all(record["source_view"] == stored[record["object_id"]] for record in records)

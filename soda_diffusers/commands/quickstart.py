@@ -1,8 +1,9 @@
 """``soda-nvs quickstart``: data, a bounded CPU training run, 24-view orbits and an honest report.
 
-The report compares the trained model with two baselines computed the same way (copying the
-source view; the mean training image) and one ablation (the same model given another object's
-source view), so it shows what the bottleneck latent actually carries.
+The report is ``soda-nvs evaluate``'s NVS protocol, run by its own code: the trained model beside two
+baselines (copying the source view; the mean training image) and one ablation (the same model given
+another object's source view), so it shows what the bottleneck latent actually carries, and
+``soda-nvs evaluate`` on the saved pipeline gives the very same numbers.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # All 39 held-out synthetic objects by default: two draws of 16 of them put the copy-the-source
     # baseline alone at 18.5 and 21.4 dB. The cap keeps a real NMR test split (8,762) in minutes.
     parser.add_argument("--objects", type=int, default=64, help="held-out objects to evaluate (default 64, or all if fewer)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (the evaluation's views and noise are fixed)")
+    parser.add_argument("--split", default="test", choices=("val", "test"),
+                        help="held-out objects to score: test to report, val to tune recipes on (default test)")
     parser.add_argument("--train-args", default="", help="extra flags for training/train_soda.py, quoted")
     parser.set_defaults(func=run)
 
@@ -69,67 +72,55 @@ def run(args: argparse.Namespace) -> int:
     if code:
         return code
     summary = json.loads((out / "train" / "train_summary.json").read_text())
-    report = evaluate_quickstart(out, summary, args.objects, args.seed)
+    report = evaluate_quickstart(out, summary, args.objects, args.split)
     print((out / "report.md").read_text())
     return 0 if report else 1
 
 
-def evaluate_quickstart(out: Path, summary: dict, num_objects: int, seed: int) -> dict:
+# What the report shows of each method: every metric of the NVS protocol but LPIPS (its weights are
+# not on a fresh machine).
+REPORT_METRICS = ("psnr", "ssim", "ssim_pixelnerf", "fg_iou", "fg_color_error")
+METHODS = (
+    ("model", "SODA (trained, true source view)"),
+    ("copy_source", "baseline: copy the source view"),
+    ("mean_image", "baseline: mean training image"),
+    ("other_source", "ablation: another object's source view"),
+    ("one_step", "SODA, one-step estimate (the mean of its samples, not a sample)"),
+)
+
+
+def evaluate_quickstart(out: Path, summary: dict, num_objects: int, split: str = "test") -> dict:
+    """Score the trained pipeline with ``soda-nvs evaluate``'s own code and defaults (objects, source
+    views from the data's view list, noise seeds, baselines), so that
+    ``soda-nvs evaluate --pipeline OUT/pipeline --data DATA`` reproduces these numbers exactly."""
     from soda_diffusers import SODANovelViewPipeline
-    from soda_diffusers.data import NMRObjects, ViewStore
-    from soda_diffusers.evaluation import generate_views, object_target_rays, target_views, view_scores
-    from soda_diffusers.metrics import aggregate
-    from soda_diffusers.visualize import make_grid, plot_curves, save_gif
+    from soda_diffusers.evaluate_nvs import evaluate
+    from soda_diffusers.visualize import plot_curves
 
     pipe = SODANovelViewPipeline.from_pretrained(out / "train")
     pipe.save_pretrained(out / "pipeline")
-    size = pipe.unet.config.sample_size
-    test = NMRObjects(summary["data"], split="test", image_size=size, store=True)
-    mean_image = ViewStore.open(summary["data"], "train", size).mean_image()
-    count = min(num_objects, len(test))
-    generator = torch.Generator().manual_seed(seed)
-    chosen = torch.randperm(len(test), generator=generator)[:count].tolist()
-    objects = [test[i] for i in chosen]
-    source_views = torch.randint(24, (count,), generator=generator).tolist()
-
-    records = {"model": [], "copy_source": [], "mean_image": [], "other_source": [], "one_step": []}
-    samples_dir = out / "samples"
-    samples_dir.mkdir(exist_ok=True)
+    pipe.set_progress_bar_config(disable=True)  # one bar, over the objects
+    data = summary["data"]
     start = time.monotonic()
-    for i, (obj, source_view) in enumerate(zip(objects, source_views)):
-        views = target_views(source_view)
-        targets = obj["images"][views]
-        source = obj["images"][source_view]
-        rays = object_target_rays(obj, source_view, size)
-        generated = generate_views(pipe, source, rays, seed=seed)
-        # One step from pure noise: the model's estimate of the mean of all views it could generate.
-        # Not a sample; it shows how much a sample's own detail costs in PSNR.
-        one_step = generate_views(pipe, source, rays, seed=seed, num_inference_steps=1)
-        # The ablation: the same cameras, but the source view of the next held-out object.
-        other = objects[(i + 1) % count]
-        other_generated = generate_views(pipe, other["images"][source_views[(i + 1) % count]], rays, seed=seed)
-        key = {"object_id": obj["object_id"], "category": obj["category"]}
-        records["model"].append({**key, **view_scores(generated, targets)})
-        records["copy_source"].append({**key, **view_scores(source.expand_as(targets), targets)})
-        records["mean_image"].append({**key, **view_scores(mean_image.expand_as(targets), targets)})
-        records["other_source"].append({**key, **view_scores(other_generated, targets)})
-        records["one_step"].append({**key, **view_scores(one_step, targets)})
-
-        name = obj["object_id"].replace("/", "-")
-        full_generated = torch.cat([generated[:source_view], source[None], generated[source_view:]])
-        make_grid(torch.cat([obj["images"], full_generated]), columns=24, scale=2).save(samples_dir / f"{name}-grid.png")
-        save_gif(torch.cat([obj["images"], full_generated], dim=3), samples_dir / f"{name}-orbit.gif")
+    nvs = evaluate(pipe, data, out / "evaluate", ("nvs",), limit=num_objects, split=split)["nvs"]
     sampling_seconds = time.monotonic() - start
-
-    table = {method: aggregate(rows, metrics=("psnr", "ssim")) for method, rows in records.items()}
-    result = {method: {"psnr": t["psnr"], "ssim": t["ssim"]} for method, t in table.items()}
+    # One step from pure noise: the model's estimate of the mean of all views it could generate.
+    one_step = evaluate(pipe, data, out / "evaluate-one-step", ("nvs",), limit=num_objects, split=split,
+                        num_inference_steps=1, baselines=())["nvs"]
+    scores = {"model": nvs, **nvs["baselines"], "one_step": one_step}
+    result = {method: {name: scores[method][name] for name in REPORT_METRICS} for method, _ in METHODS}
+    command = f"soda-nvs evaluate --pipeline {out / 'pipeline'} --data {data}"
     result.update(
-        objects=count,
+        objects=nvs["objects"],
+        split=split,
         train_steps=summary["train_steps"],
         train_seconds=summary["train_seconds"],
         sampling_seconds=round(sampling_seconds, 1),
-        num_inference_steps=50,
-        scheduler=type(pipe.scheduler).__name__,
+        num_inference_steps=nvs["settings"]["num_inference_steps"],
+        scheduler=nvs["settings"]["scheduler"],
+        # Fewer objects than the limit: the limit took them all and the command needs none.
+        evaluate_command=command + ("" if split == "test" else f" --split {split}")
+        + ("" if nvs["objects"] < num_objects else f" --limit {num_objects}"),
     )
     (out / "quickstart.json").write_text(json.dumps(result, indent=2))
 
@@ -139,35 +130,64 @@ def evaluate_quickstart(out: Path, summary: dict, num_objects: int, seed: int) -
     if validation:
         curves["val loss (held-out objects)"] = ([r["step"] for r in validation], [r["val_loss"] for r in validation])
     plot_curves(curves, out / "loss.png", title="SODA quickstart: denoising loss")
-    write_report(out, result, objects, source_views)
+    objects = write_samples(out, data, pipe.unet.config.sample_size, split)
+    write_report(out, result, objects)
     return result
 
 
-def write_report(out: Path, result: dict, objects: list[dict], source_views: list[int]) -> None:
+def write_samples(out: Path, data: str, size: int, split: str) -> list[tuple[str, int]]:
+    """A grid (real views over generated ones, the source in its place) and an orbit GIF per evaluated
+    object, from the views the evaluation generated. Returns ``(object_id, source_view)`` of each."""
+    from soda_diffusers.data import NMRObjects
+    from soda_diffusers.evaluate_nvs import (
+        NVS_RECORDS_FILE,
+        generated_views_path,
+        load_view_strip,
+        read_nvs_records,
+    )
+    from soda_diffusers.visualize import make_grid, save_gif
+
+    objects = NMRObjects(data, split=split, image_size=size, store=True)
+    index_of = {object_id: index for index, object_id in enumerate(objects.object_ids)}
+    samples_dir = out / "samples"
+    samples_dir.mkdir(exist_ok=True)
+    shown = []
+    for object_id, record in read_nvs_records(out / "evaluate" / NVS_RECORDS_FILE).items():
+        real = objects[index_of[object_id]]["images"]
+        views, source_view = record["target_views"], record["source_view"]
+        generated = load_view_strip(generated_views_path(out / "evaluate", object_id), len(views)).float() / 127.5 - 1
+        full = real.clone()
+        full[views] = generated
+        name = object_id.replace("/", "-")
+        make_grid(torch.cat([real, full]), columns=24, scale=2).save(samples_dir / f"{name}-grid.png")
+        save_gif(torch.cat([real, full], dim=3), samples_dir / f"{name}-orbit.gif")
+        shown.append((object_id, source_view))
+    return shown
+
+
+def write_report(out: Path, result: dict, objects: list[tuple[str, int]]) -> None:
     model = result["model"]
     best_baseline = max(result["copy_source"]["psnr"], result["mean_image"]["psnr"])
-    rows = [
-        ("SODA (trained, true source view)", "model"),
-        ("baseline: copy the source view", "copy_source"),
-        ("baseline: mean training image", "mean_image"),
-        ("ablation: another object's source view", "other_source"),
-        ("SODA, one-step estimate (the mean of its samples, not a sample)", "one_step"),
-    ]
     lines = [
         "# SODA quickstart report",
         "",
         f"Trained {result['train_steps']} steps in {result['train_seconds'] / 60:.1f} min; "
-        f"{result['objects']} held-out objects, one source view each, the 23 other views as targets, "
-        f"{result['scheduler']} with {result['num_inference_steps']} steps "
-        f"(sampling took {result['sampling_seconds']:.0f} s).",
+        f"{result['objects']} held-out objects ({result['split']} split), one source view each (the data's view "
+        f"list), the 23 other views as targets, {result['scheduler']} with {result['num_inference_steps']} steps "
+        f"(sampling took {result['sampling_seconds']:.0f} s). The same numbers come from "
+        f"`{result['evaluate_command']}`.",
         "",
-        "| method | PSNR (dB) | SSIM |",
-        "|---|---:|---:|",
-        *[f"| {label} | {result[key]['psnr']:.2f} | {result[key]['ssim']:.3f} |" for label, key in rows],
+        "| method | PSNR (dB) | SSIM | SSIM (pixelNeRF) | FG IoU | FG colour error |",
+        "|---|---:|---:|---:|---:|---:|",
+        *[f"| {label} | {result[key]['psnr']:.2f} | {result[key]['ssim']:.3f} | {result[key]['ssim_pixelnerf']:.3f} | "
+          f"{result[key]['fg_iou']:.3f} | {result[key]['fg_color_error']:.1f} |" for key, label in METHODS],
         "",
-        f"- Against the best baseline: {model['psnr'] - best_baseline:+.2f} dB PSNR.",
+        f"- Against the best baseline: {model['psnr'] - best_baseline:+.2f} dB PSNR; against copying the source: "
+        f"{model['psnr'] - result['copy_source']['psnr']:+.2f} dB.",
         f"- True source view vs another object's: {model['psnr'] - result['other_source']['psnr']:+.2f} dB PSNR "
         "(what the bottleneck latent carries about the object).",
+        "- FG IoU: overlap of the object's silhouette with the target's (foreground: pixels not near white); "
+        "FG colour error: distance between the mean object colours, 0-255 RGB (lower is better).",
         f"- The one-step estimate scores {result['one_step']['psnr'] - model['psnr']:+.2f} dB against the samples: "
         "PSNR rewards the mean of the plausible views, and a sample, sharp but wrong in detail, pays for the "
         "uncertainty left about the unseen sides.",
@@ -177,8 +197,8 @@ def write_report(out: Path, result: dict, objects: list[dict], source_views: lis
         "Per object (top row: real views; bottom row: generated, the source view in its place):",
         "",
     ]
-    for obj, source_view in zip(objects, source_views):
-        name = obj["object_id"].replace("/", "-")
-        lines += [f"- `{obj['object_id']}`, source view {source_view}: "
+    for object_id, source_view in objects:
+        name = object_id.replace("/", "-")
+        lines += [f"- `{object_id}`, source view {source_view}: "
                   f"![grid](samples/{name}-grid.png) ![orbit](samples/{name}-orbit.gif)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")

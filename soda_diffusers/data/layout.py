@@ -40,6 +40,9 @@ NMR_CATEGORIES = {
 
 METADATA_FILE = "metadata.yaml"
 CAMERAS_FILE = "cameras.npz"
+# The evaluation's source view of each val and test object, as a pixelNeRF view list (its src_dvr.txt
+# for NMR): written with the synthetic data, so every evaluation of it uses the same views.
+SOURCE_VIEWS_FILE = "source_views.txt"
 
 
 def split_file(category: str, split: str) -> str:
@@ -106,13 +109,19 @@ def read_view_list(path: str | os.PathLike) -> dict[str, int]:
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
+            text = handle.read()
     except FileNotFoundError:
         raise FileNotFoundError(
             f"view_list: no such file {path!r} (expected lines 'category object view')"
         ) from None
     except UnicodeDecodeError as error:
         raise NMRFormatError(f"view list {path!r}: not a text file ({error})") from None
+    return parse_view_list(text, path)
+
+
+def parse_view_list(text: str, path: str) -> dict[str, int]:
+    """The lines ``category object view`` of a view list (read from ``path``, named in errors)."""
+    lines = text.splitlines()
     views = {}
     for number, line in enumerate(lines, start=1):
         fields = line.split()

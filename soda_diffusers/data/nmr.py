@@ -128,13 +128,20 @@ class _NMRObjectIndex:
         return len(self._objects)
 
     def _source_views_from_list(self, view_list) -> list[int] | None:
+        """Each object's view from ``view_list``: a view list file, or ``"stored"`` for the one stored with
+        the data (:meth:`NMRStorage.source_views`, None when the data has none)."""
         if view_list is None:
             return None
-        views = read_view_list(view_list)
+        if view_list == "stored":
+            views, where = self.storage.source_views(), f"{self.storage.description}'s source views"
+            if views is None:
+                return None
+        else:
+            views, where = read_view_list(view_list), f"view list {os.fspath(view_list)!r}"
         missing = [name for name in self.object_ids if name not in views]
         if missing:
             raise NMRFormatError(
-                f"view list {os.fspath(view_list)!r}: no source view for {len(missing)} of the {self.num_objects} "
+                f"{where}: no source view for {len(missing)} of the {self.num_objects} "
                 f"objects of split {self.split!r}, e.g. {missing[0]!r}"
             )
         return [views[name] for name in self.object_ids]

@@ -23,11 +23,13 @@ from soda_diffusers.data.errors import NMRFormatError
 from soda_diffusers.data.layout import (
     METADATA_FILE,
     NMR_IMAGE_SIZE,
+    SOURCE_VIEWS_FILE,
     SPLITS,
     cameras_file,
     check_split,
     image_file,
     mask_file,
+    parse_view_list,
     split_file,
 )
 
@@ -60,6 +62,11 @@ class NMRStorage:
         """``world_mat_i``, ``world_mat_inv_i``, ``camera_mat_i``, ``camera_mat_inv_i`` of ``views``
         (all 24 by default) as float64 ``(4, 4)`` arrays."""
         raise NotImplementedError
+
+    def source_views(self) -> dict[str, int] | None:
+        """The evaluation's source views stored with the data (``source_views.txt``, a pixelNeRF view
+        list), ``{"<synset>/<object>": view}``, or None when the data has none."""
+        return None
 
     def fingerprint(self) -> dict:
         """What changes when the stored data changes (file sizes and times, table fingerprints): a
@@ -117,6 +124,15 @@ class _FileStorage(NMRStorage):
                 raise NMRFormatError(f"{where}: entry {synset!r} should be a mapping with 'id' and 'name'")
             categories[str(synset)] = str(entry.get("name", synset))
         return dict(sorted(categories.items()))
+
+    def source_views(self) -> dict[str, int] | None:
+        if not self._has(SOURCE_VIEWS_FILE):
+            return None
+        try:
+            text = self._read_bytes(SOURCE_VIEWS_FILE).decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise NMRFormatError(f"{self._where(SOURCE_VIEWS_FILE)}: not a text file ({error})") from None
+        return parse_view_list(text, self._where(SOURCE_VIEWS_FILE))
 
     def object_ids(self, category: str, split: str) -> list[str]:
         member = split_file(category, check_split(split))

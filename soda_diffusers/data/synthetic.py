@@ -33,6 +33,7 @@ from soda_diffusers.data.layout import (
     METADATA_FILE,
     NMR_CATEGORIES,
     NMR_IMAGE_SIZE,
+    SOURCE_VIEWS_FILE,
     SPLITS,
     cameras_file,
     image_file,
@@ -44,7 +45,7 @@ from soda_diffusers.data.raytrace import Rig
 from soda_diffusers.data.shapes import SyntheticShape, build_shape
 
 # Part of the cache folder's name: bump it when a change to the generator changes its output.
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2  # 2: source_views.txt
 ZIP_PREFIX = "NMR_Dataset/"
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)
 
@@ -142,7 +143,15 @@ def _index_files(objects: list[SyntheticObject]) -> list[tuple[str, bytes]]:
         for split in SPLITS:
             ids = [item.object_id for item in objects if item.category == synset and item.split == split]
             files.append((split_file(synset, split), "".join(f"{object_id}\n" for object_id in ids).encode()))
+    held_out = [item for item in objects if item.split != "train"]
+    lines = [f"{item.category} {item.object_id} {synthetic_source_view(item.object_id)}\n" for item in held_out]
+    files.append((SOURCE_VIEWS_FILE, "".join(lines).encode()))
     return files
+
+
+def synthetic_source_view(object_id: str) -> int:
+    """The evaluation's source view of a held-out object: uniform over the 24 views, fixed by its id."""
+    return int(hashlib.md5(f"soda-synthetic-source/{object_id}".encode()).hexdigest(), 16) % NMR_NUM_VIEWS
 
 
 def make_synthetic_nmr(
