@@ -76,6 +76,12 @@ class SODANovelViewPipeline(DiffusionPipeline):
 
         Arrays and PIL images hold the usual [0, 255] (uint8) or [0, 1] (float) values; tensors
         hold model-space values in [-1, 1], as the ``soda_diffusers.data`` loaders produce them.
+
+        Inputs are made to look like the training data, whose backgrounds are white and whose images
+        are square and area-downsampled: an alpha channel (RGBA, LA, palette transparency, an
+        ``(H, W, 4)`` array) is composited onto white, grayscale (``L``, ``(H, W)`` arrays) is
+        repeated to RGB, non-square images are padded to square on white, centred, and every input
+        is resized by :meth:`_resize` (area averaging for integer shrinks), PIL images included.
         """
         size = self.encoder.config.sample_size
         if isinstance(source_image, (list, tuple)):
@@ -86,15 +92,23 @@ class SODANovelViewPipeline(DiffusionPipeline):
                 raise ValueError("source_image: a list holds single views of one object, got a batch inside it")
             return torch.cat(views, dim=1)
         if isinstance(source_image, PIL.Image.Image):
-            source_image = source_image.convert("RGB")
-            image = self.image_processor.preprocess(source_image, height=size, width=size)
-            return image[:, None]
+            source_image = self._pil_to_array(source_image)
         if isinstance(source_image, np.ndarray):
-            if source_image.ndim not in (3, 4) or source_image.shape[-1] != 3:
-                raise ValueError(f"source_image: expected an (H, W, 3) or (N, H, W, 3) array, got {source_image.shape}")
-            array = source_image.astype(np.float32) / (255.0 if source_image.dtype == np.uint8 else 1.0)
-            tensor = torch.from_numpy(array).movedim(-1, -3) * 2 - 1
-            return self._resize(tensor.reshape(-1, 1, *tensor.shape[-3:]), size)
+            array = source_image
+            if array.ndim == 2:  # grayscale
+                array = array[..., None]
+            if array.ndim not in (3, 4) or array.shape[-1] not in (1, 3, 4):
+                raise ValueError(
+                    "source_image: expected an (H, W), (H, W, 3), (H, W, 4) or (N, H, W, 3|4) array, "
+                    f"got {source_image.shape}"
+                )
+            if array.ndim == 3 and array.shape[-1] == 1:
+                array = np.repeat(array, 3, axis=-1)
+            array = array.astype(np.float32) / (255.0 if source_image.dtype == np.uint8 else 1.0)
+            if array.shape[-1] == 4:
+                array = self._composite_on_white(array)
+            tensor = torch.from_numpy(np.ascontiguousarray(array)).movedim(-1, -3) * 2 - 1
+            return self._resize(self._pad_to_square(tensor.reshape(-1, 1, *tensor.shape[-3:])), size)
         if isinstance(source_image, torch.Tensor):
             if source_image.ndim not in (3, 4, 5) or source_image.shape[-3] != 3:
                 raise ValueError(
@@ -110,8 +124,42 @@ class SODANovelViewPipeline(DiffusionPipeline):
                 )
             tensor = source_image.float()
             tensor = tensor.reshape(-1, 1, *tensor.shape[-3:]) if tensor.ndim < 5 else tensor
-            return self._resize(tensor, size)
+            return self._resize(self._pad_to_square(tensor), size)
         raise ValueError(f"source_image: expected a PIL image, numpy array, tensor or list, got {type(source_image)}")
+
+    @staticmethod
+    def _pil_to_array(image: PIL.Image.Image) -> np.ndarray:
+        """A PIL image as a uint8 ``(H, W, 3)`` or ``(H, W, 4)`` array, keeping any transparency so that it
+        can be composited onto white: ``convert("RGB")`` alone would show whatever colour the transparent
+        pixels hide (usually black), a background NMR never has."""
+        has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+            image.mode == "P" and "transparency" in image.info
+        )
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            # High-bit-depth grayscale: convert("RGB") would clip it, so scale it to 8 bits first.
+            values = np.asarray(image, dtype=np.float32)
+            peak = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+            return np.clip(np.round(values / peak * 255.0), 0, 255).astype(np.uint8)
+        return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
+
+    @staticmethod
+    def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+        """``(..., 4)`` values in [0, 1] -> ``(..., 3)`` over a white background, as NMR renders are."""
+        alpha = rgba[..., 3:]
+        return rgba[..., :3] * alpha + (1.0 - alpha)
+
+    @staticmethod
+    def _pad_to_square(images: torch.Tensor) -> torch.Tensor:
+        """``(B, k, 3, H, W)`` in [-1, 1], padded to square with white (1), centred: the model only saw
+        square views, and stretching a non-square image would distort the object's shape."""
+        height, width = images.shape[-2:]
+        if height == width:
+            return images
+        side = max(height, width)
+        top, left = (side - height) // 2, (side - width) // 2
+        padded = images.new_ones(*images.shape[:-2], side, side)
+        padded[..., top : top + height, left : left + width] = images
+        return padded
 
     @staticmethod
     def _resize(images: torch.Tensor, size: int) -> torch.Tensor:

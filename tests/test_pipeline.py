@@ -183,3 +183,58 @@ def test_presets_build_and_unknown_presets_are_rejected():
 def test_a_fresh_tiny_pipeline_matches_its_preset_defaults():
     pipe = make_tiny_pipeline("v_prediction", "cosine")
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_transparent_pixels_are_white_not_the_colour_they_hide(tiny_pipeline):
+    # NMR renders sit on white; a cut-out with black under its transparent pixels must not turn black.
+    rgba = np.zeros((SIZE, SIZE, 4), dtype=np.uint8)
+    rgba[4:12, 4:12] = (200, 30, 30, 255)  # an opaque red square on transparent black
+    for source in (PIL.Image.fromarray(rgba, "RGBA"), rgba):
+        image = tiny_pipeline.preprocess_source(source)[0, 0]
+        torch.testing.assert_close(image[:, 0, 0], torch.ones(3))
+        torch.testing.assert_close(image[:, 8, 8], torch.tensor([200, 30, 30]) / 127.5 - 1)
+    half = rgba.copy()
+    half[..., 3] = np.where(half[..., 3] == 0, 128, 255)
+    corner = tiny_pipeline.preprocess_source(PIL.Image.fromarray(half, "RGBA"))[0, 0, :, 0, 0]
+    torch.testing.assert_close(corner, torch.full((3,), (1 - 128 / 255) * 2 - 1))  # half black, half white
+
+
+def test_a_wide_image_is_padded_to_square_on_white_centred(tiny_pipeline):
+    wide = np.zeros((SIZE, 2 * SIZE, 3), dtype=np.uint8)  # 2:1 black: the object fills the middle band
+    image = tiny_pipeline.preprocess_source(PIL.Image.fromarray(wide))[0, 0]
+    assert image.shape == (3, SIZE, SIZE)
+    # 32x16 pads to 32x32 (8 white rows above and below), then shrinks 2x: rows 0-3 and 12-15 are white.
+    torch.testing.assert_close(image[:, :4], torch.ones(3, 4, SIZE))
+    torch.testing.assert_close(image[:, 12:], torch.ones(3, 4, SIZE))
+    torch.testing.assert_close(image[:, 4:12], -torch.ones(3, 8, SIZE))
+    tall = tiny_pipeline.preprocess_source(torch.zeros(3, 2 * SIZE, SIZE) - 1)[0, 0]
+    torch.testing.assert_close(tall, image.transpose(-1, -2))
+
+
+def test_pil_images_are_area_downsampled_as_the_loaders_do(tiny_pipeline):
+    array = (np.random.default_rng(1).random((4 * SIZE, 4 * SIZE, 3)) * 255).astype(np.uint8)
+    tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1
+    half = torch.nn.functional.interpolate(tensor[None], size=(2 * SIZE, 2 * SIZE), mode="area")[0]
+    expected = tiny_pipeline.preprocess_source(half)
+    torch.testing.assert_close(tiny_pipeline.preprocess_source(PIL.Image.fromarray(array)), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tiny_pipeline.preprocess_source(array), expected, atol=1e-5, rtol=0)
+    area = torch.nn.functional.interpolate(tensor[None], size=(SIZE, SIZE), mode="area")
+    torch.testing.assert_close(expected[0], area, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "2d-array", "I;16"])
+def test_grayscale_and_palette_images_are_accepted(tiny_pipeline, mode):
+    gray = (np.arange(SIZE * SIZE).reshape(SIZE, SIZE) % 256).astype(np.uint8)
+    expected = torch.from_numpy(gray).float().div(127.5).sub(1).expand(3, SIZE, SIZE)
+    if mode == "2d-array":
+        source = gray
+    elif mode == "I;16":
+        source = PIL.Image.fromarray(gray.astype(np.uint16) * 257)
+    else:
+        source = PIL.Image.fromarray(gray, "L").convert(mode)
+    image = tiny_pipeline.preprocess_source(source)
+    assert image.shape == (1, 1, 3, SIZE, SIZE)
+    if mode != "P":  # the palette quantises grey levels
+        torch.testing.assert_close(image[0, 0], expected, atol=1e-5, rtol=0)
+    images = run(tiny_pipeline, source, orbit_rays([30.0], size=SIZE), num_inference_steps=1)
+    assert images.shape == (1, 3, SIZE, SIZE)
