@@ -1,6 +1,6 @@
 """The interactive demo behind ``soda-nvs demo``: a Gradio Blocks app and the plain functions it calls.
 
-The functions (:func:`load_upload`, :func:`camera_rays`, :func:`generate_view`, :func:`render_orbit`) know
+The functions (:func:`load_upload`, :func:`slider_rays`, :func:`generate_view`, :func:`render_orbit`) know
 nothing of Gradio, so they are unit-tested without a browser, and this module imports without Gradio
 installed: only :func:`build_app` needs it, and it says how to install it when it is missing.
 """
@@ -90,7 +90,7 @@ def load_upload(path: str | Path | None, max_pixels: int = MAX_UPLOAD_PIXELS,
     return image
 
 
-def camera_rays(azimuth_deg: float, elevation_deg: float, size: int) -> torch.Tensor:
+def slider_rays(azimuth_deg: float, elevation_deg: float, size: int) -> torch.Tensor:
     """Rays ``(1, 6, size, size)`` of the target camera the sliders describe: ``azimuth_deg`` around the
     object from the source view, both cameras at ``elevation_deg`` and the NMR rig's distance."""
     return orbit_rays([float(azimuth_deg)], elevation_deg=float(elevation_deg), size=size, source_azimuth_deg=0.0)
@@ -147,7 +147,7 @@ def _use_scheduler(pipe, name: str, base_scheduler) -> None:
 def generate_view(pipe, source, azimuth_deg: float, elevation_deg: float, settings: Settings,
                   base_scheduler=None) -> PIL.Image.Image:
     """One novel view of ``source`` from the camera the sliders describe."""
-    rays = camera_rays(azimuth_deg, elevation_deg, pipe.unet.config.sample_size)
+    rays = slider_rays(azimuth_deg, elevation_deg, pipe.unet.config.sample_size)
     return render_views(pipe, source, rays, settings, base_scheduler)[0]
 
 

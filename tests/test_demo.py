@@ -23,12 +23,12 @@ from soda_diffusers.demo import (
     DemoData,
     Settings,
     UploadError,
-    camera_rays,
     generate_view,
     load_upload,
     orbit_azimuths,
     real_orbit,
     render_orbit,
+    slider_rays,
 )
 
 
@@ -45,10 +45,10 @@ def source_image(size=TINY_SIZE * 2):
 @pytest.mark.parametrize("azimuth, elevation", [(0, 30), (90, 30), (200, 10), (360, 45)])
 def test_the_camera_from_the_sliders_is_orbit_rays_at_those_angles(azimuth, elevation):
     expected = orbit_rays([azimuth], elevation_deg=elevation, size=TINY_SIZE, source_azimuth_deg=0.0)
-    torch.testing.assert_close(camera_rays(azimuth, elevation, TINY_SIZE), expected, atol=0, rtol=0)
+    torch.testing.assert_close(slider_rays(azimuth, elevation, TINY_SIZE), expected, atol=0, rtol=0)
     # Azimuth is relative to the source view: the same turn from any source azimuth is the same camera.
     shifted = orbit_rays([azimuth + 40], elevation_deg=elevation, size=TINY_SIZE, source_azimuth_deg=40.0)
-    torch.testing.assert_close(camera_rays(azimuth, elevation, TINY_SIZE), shifted, atol=1e-5, rtol=0)
+    torch.testing.assert_close(slider_rays(azimuth, elevation, TINY_SIZE), shifted, atol=1e-5, rtol=0)
 
 
 def test_the_orbit_is_the_pipelines_output_for_the_same_seed(pipe):

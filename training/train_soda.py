@@ -170,10 +170,11 @@ def data_path(args) -> str:
 
 
 def batch_source(args, split: str, image_size: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, num_source_views: int | None = None):
+                 world_size: int = 1, num_source_views: int | None = None, stores: dict | None = None):
     """What the step's batches come from: ``source.batch(step)`` is the batch of ``step`` on ``rank``.
-    A memory-mapped :class:`ViewStore` of the split (built on first use), or with ``--streaming`` the
-    split read as a ``datasets`` stream, this rank's shard of it."""
+    A memory-mapped :class:`ViewStore` of the split (built on first use; ``stores``, by split, lets the
+    sources of one run open each store once), or with ``--streaming`` the split read as a ``datasets``
+    stream, this rank's shard of it."""
     k = args.num_source_views if num_source_views is None else num_source_views
     if args.streaming:
         from soda_diffusers.data import StreamingBatches
@@ -181,8 +182,10 @@ def batch_source(args, split: str, image_size: int, batch_size: int, seed: int, 
         return StreamingBatches(data_path(args), split, image_size, batch_size, seed, rank=rank,
                                 world_size=world_size, num_source_views=k, categories=args.categories,
                                 shuffle_buffer=args.shuffle_buffer)
-    store = ViewStore.open(data_path(args), split, image_size, args.categories, cache_dir=args.data_cache_dir)
-    return StepBatches(store, batch_size, seed, rank, k)
+    stores = {} if stores is None else stores
+    if split not in stores:
+        stores[split] = ViewStore.open(data_path(args), split, image_size, args.categories, cache_dir=args.data_cache_dir)
+    return StepBatches(stores[split], batch_size, seed, rank, k)
 
 
 def training_batches(source, first_step: int, last_step: int, args, device: torch.device):
@@ -405,13 +408,17 @@ def main(argv: list[str] | None = None) -> int:
 
     rank, world_size = accelerator.process_index, accelerator.num_processes
     with accelerator.main_process_first():
-        train_source = batch_source(args, "train", image_size, args.train_batch_size, args.seed, rank, world_size)
+        stores = {}
+        train_source = batch_source(args, "train", image_size, args.train_batch_size, args.seed, rank, world_size,
+                                    stores=stores)
         # Batches of their own (one source view: the encoder's batch norm sees single views), so that
         # exporting a pipeline leaves the training batches untouched.
         calibration_source = batch_source(args, "train", image_size, args.train_batch_size, args.seed + 3,
-                                          num_source_views=1)
-        val_source = batch_source(args, "val", image_size, min(args.train_batch_size, 64), args.seed + 1)
-        samples_source = batch_source(args, "val", image_size, args.validation_objects, args.seed + 2)
+                                          num_source_views=1, stores=stores)
+        val_source = batch_source(args, "val", image_size, min(args.train_batch_size, 64), args.seed + 1,
+                                  stores=stores)
+        samples_source = batch_source(args, "val", image_size, args.validation_objects, args.seed + 2,
+                                      stores=stores)
 
     decoder_lr = args.learning_rate
     encoder_lr = args.encoder_learning_rate or decoder_lr
