@@ -22,7 +22,7 @@ import torch
 from soda_diffusers import SODANovelViewPipeline
 from soda_diffusers.data import NMR_CATEGORIES, NMRObjects, make_synthetic_nmr
 from soda_diffusers.evaluate_nvs import run_nvs
-from soda_diffusers.evaluation import set_scheduler
+from soda_diffusers.schedules import set_scheduler
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import PIL.Image
 import torch
+from diffusers.utils import export_to_gif
 
 from soda_diffusers.cameras import (
     NMR_AZIMUTH_STEP_DEG,
@@ -25,7 +26,7 @@ from soda_diffusers.cameras import (
     nmr_rays,
     orbit_rays,
 )
-from soda_diffusers.evaluation import set_scheduler
+from soda_diffusers.schedules import set_scheduler
 
 INSTALL_HINT = 'the demo needs Gradio: pip install -e ".[demo]"  (or: pip install "gradio>=4")'
 # Display names in the page -> soda_diffusers.evaluation.SCHEDULERS keys.
@@ -194,38 +195,13 @@ def real_orbit(item: dict, source_view: int, size: int) -> tuple[list[PIL.Image.
 
 
 def save_orbit_gif(images: Sequence[PIL.Image.Image], name: str = "orbit") -> str:
-    from soda_diffusers.visualize import save_gif
-
     folder = Path(tempfile.mkdtemp(prefix="soda-demo-"))
-    return str(save_gif(list(images), folder / f"{name}.gif"))
+    return export_to_gif(list(images), str(folder / f"{name}.gif"), fps=8)
 
 
-class DemoData:
-    """Held-out NMR objects to pick a source view from (``soda-nvs demo --data``)."""
-
-    def __init__(self, path: str | Path, image_size: int):
-        from soda_diffusers.data import NMRObjects
-
-        self.objects = NMRObjects(path, split="test", image_size=image_size, store=True)
-        self.image_size = image_size
-        self._ids = None
-
-    @property
-    def object_ids(self) -> list[str]:
-        if self._ids is None:
-            self._ids = [f"{synset}/{name}" for synset, name in self.objects._objects]
-        return self._ids
-
-    def item(self, object_id: str) -> dict:
-        return self.objects[self.object_ids.index(object_id)]
-
-    def gallery(self, object_id: str) -> list[tuple[PIL.Image.Image, str]]:
-        images = self.item(object_id)["images"]
-        return [(model_to_pil(images[view]), f"view {view}") for view in range(images.shape[0])]
-
-
-def build_app(pipe, data: DemoData | None = None, title: str = "SODA novel view synthesis"):
-    """The Gradio Blocks app around ``pipe`` (and ``data``'s objects); launch it with ``.launch()``."""
+def build_app(pipe, data=None, title: str = "SODA novel view synthesis"):
+    """The Gradio Blocks app around ``pipe`` (and the objects of ``data``, a
+    :class:`soda_diffusers.commands.demo.DemoData`); launch it with :func:`launch_app`."""
     gr = require_gradio()
     base_scheduler = pipe.scheduler
     size = pipe.unet.config.sample_size

@@ -11,26 +11,9 @@ import hashlib
 from collections.abc import Sequence
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
 
 from soda_diffusers.cameras import NMR_NUM_VIEWS, nmr_rays
 from soda_diffusers.metrics import foreground_color_error, foreground_iou, psnr, ssim, ssim_pixelnerf
-
-# Samplers by their command-line names; every one is built from the pipeline's own scheduler config,
-# so the noise schedule and prediction type the model was trained with carry over.
-SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "ddpm": DDPMScheduler,
-    "dpmsolver": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-    "unipc": UniPCMultistepScheduler,
-}
 
 
 def target_views(source_view: int, num_views: int = NMR_NUM_VIEWS) -> list[int]:
@@ -78,16 +61,6 @@ def view_scores(generated: torch.Tensor, targets: torch.Tensor) -> dict[str, lis
         "fg_iou": foreground_iou(generated, targets).tolist(),
         "fg_color_error": foreground_color_error(generated, targets).tolist(),
     }
-
-
-def set_scheduler(pipe, name: str):
-    """Swap ``pipe``'s sampler for the one called ``name`` in :data:`SCHEDULERS`, keeping its schedule
-    (``Class.from_config(pipe.scheduler.config)``). Returns ``pipe``."""
-    scheduler_class = SCHEDULERS.get(str(name).lower())
-    if scheduler_class is None:
-        raise ValueError(f"scheduler: expected one of {sorted(SCHEDULERS)}, got {name!r}")
-    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    return pipe
 
 
 def _seed_from(*parts) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import importlib.metadata
 import importlib.util
 import inspect
 import json
@@ -33,6 +34,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,13 +43,26 @@ from pathlib import Path
 import huggingface_hub
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
-from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub import (
+    DatasetCard,
+    DatasetCardData,
+    ModelCard,
+    ModelCardData,
+    SpaceCard,
+    SpaceCardData,
+    create_repo,
+    upload_folder,
+)
 from huggingface_hub import errors as hub_errors
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 import soda_diffusers
+from soda_diffusers.evaluate_nvs import BASELINE_TITLES
 from soda_diffusers.schedules import schedule_name
 
 PACKAGE = "soda_diffusers"
+DISTRIBUTION = "soda-diffusers"
 PACKAGE_DIR = Path(__file__).resolve().parent
 # The templates live in the top-level model_cards/ folder; an installed package reaches them through a
 # soda_diffusers/model_cards link, as it does presets/ and training/.
@@ -66,6 +81,8 @@ METRICS_FILE = "metrics.json"
 SAMPLES_DIR = "samples"
 SAMPLE_SUFFIXES = (".gif", ".png", ".jpg", ".jpeg", ".webp")
 TAGS = ["novel-view-synthesis", "representation-learning", "soda"]
+# The novel view scores a card shows (metrics.json's "nvs"), with their decimals.
+NVS_CARD_COLUMNS = (("psnr", 2), ("ssim", 3), ("ssim_pixelnerf", 3), ("lpips", 3), ("fg_iou", 3), ("fg_color_error", 1))
 # The same pattern Diffusers uses to find the imports of a bundled file (check_imports): a docstring
 # line that looks like an import counts too.
 IMPORT_LINE = re.compile(r"^\s*(?:from\s+(\S+)\s+import|import\s+(\S+)\s*$)", flags=re.MULTILINE)
@@ -78,15 +95,16 @@ HUB_ERRORS = (OSError, getattr(hub_errors, "HTTPError", OSError))
 class HubUploadError(RuntimeError):
     """The upload to the Hub failed (no token, no access, no network); the exported folder is kept."""
 
-    def __init__(self, repo_id: str, folder: Path, cause: BaseException):
+    def __init__(self, repo_id: str, folder: Path, cause: BaseException, repo_type: str = "model"):
         self.repo_id = repo_id
         self.folder = folder
         reason = " ".join(str(cause).split()) or type(cause).__name__
+        kind, upload_type = ("repo", "") if repo_type == "model" else (repo_type, f" --repo-type {repo_type}")
         super().__init__(
-            f"could not upload to the Hugging Face Hub repo {repo_id!r} ({type(cause).__name__}: {reason}). "
+            f"could not upload to the Hugging Face Hub {kind} {repo_id!r} ({type(cause).__name__}: {reason}). "
             f"The exported folder is kept at {folder}. Log in with `hf auth login` (`huggingface-cli login` "
             "with older huggingface_hub) or set HF_TOKEN to a token with write access, check the network, "
-            f"then upload it with `hf upload {repo_id} {folder} .`"
+            f"then upload it with `hf upload {repo_id} {folder} .{upload_type}`"
         )
 
 
@@ -508,12 +526,21 @@ def _metric_rows(metrics: dict | None) -> dict:
     tables = {}
     nvs = metrics.get("nvs")
     if nvs:
-        def row(name, values):
-            objects = values.get("num_objects", values.get("objects"))
-            return [name, _number(objects, 0), _number(values.get("psnr"), 2), _number(values.get("ssim"), 3),
-                    _number(values.get("lpips"), 3)]
+        def scores(values):
+            return [_number(values.get(name), digits) for name, digits in NVS_CARD_COLUMNS]
 
-        tables["nvs"] = [row("all", nvs)] + [row(name, values) for name, values in (nvs.get("per_category") or {}).items()]
+        def row(name, values):
+            return [name, _number(values.get("num_objects", values.get("objects")), 0), *scores(values)]
+
+        categories = (nvs.get("per_category") or {}).items()
+        tables["nvs"] = [row("all", nvs)] + [
+            row(f"{values['name']} ({name})" if values.get("name") else name, values) for name, values in categories
+        ]
+        baselines = (nvs.get("baselines") or {}).items()
+        if baselines:
+            tables["nvs_baselines"] = [["SODA", *scores(nvs)]] + [
+                [BASELINE_TITLES.get(name, name), *scores(values)] for name, values in baselines
+            ]
     probe = metrics.get("probe")
     if probe:
         tables["probe"] = [[name.replace("_", " "), _number(value, 3)] for name, value in probe.items()
@@ -585,6 +612,21 @@ def render_model_card(
 # Export and upload
 
 
+def _new_or_empty(out_dir: str | os.PathLike) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"out_dir: {out_dir} exists and is not an empty folder; give a new or empty one")
+    return out_dir
+
+
+def _load_pipeline(pipe_or_dir: DiffusionPipeline | str | os.PathLike) -> DiffusionPipeline:
+    if isinstance(pipe_or_dir, DiffusionPipeline):
+        return pipe_or_dir
+    if not (Path(pipe_or_dir) / "model_index.json").is_file():
+        raise FileNotFoundError(f"pipeline: no model_index.json in {pipe_or_dir} (a save_pretrained folder)")
+    return soda_diffusers.SODANovelViewPipeline.from_pretrained(pipe_or_dir)
+
+
 def export_for_hub(
     pipe_or_dir: DiffusionPipeline | str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -607,15 +649,9 @@ def export_for_hub(
         repo_id: the Hub repo the card's usage snippets load.
         dataset: a Hub dataset id of the training data, for the card's metadata.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(f"out_dir: {out_dir} exists and is not an empty folder; give a new or empty one")
-    if isinstance(pipe_or_dir, DiffusionPipeline):
-        pipe = pipe_or_dir
-    else:
-        if not (Path(pipe_or_dir) / "model_index.json").is_file():
-            raise FileNotFoundError(f"pipeline: no model_index.json in {pipe_or_dir} (a save_pretrained folder)")
-        pipe = soda_diffusers.SODANovelViewPipeline.from_pretrained(pipe_or_dir)
+    out_dir = _new_or_empty(out_dir)
+    pipe = _load_pipeline(pipe_or_dir)
+    if not isinstance(pipe_or_dir, DiffusionPipeline):
         training_dir = training_dir or pipe_or_dir
     if training_dir is not None:
         training_dir = Path(training_dir)
@@ -699,6 +735,135 @@ def push_to_hub(
         )
     except HUB_ERRORS as error:
         raise HubUploadError(resolved, folder, error) from error
+    shutil.rmtree(folder, ignore_errors=True)
+    return commit
+
+
+# --------------------------------------------------------------------------------------------------
+# Space: the demo, served from a model repo
+
+SPACE_APP_MODULE = "soda_diffusers.space_app"
+SPACE_FILES = ("app.py", "README.md", "requirements.txt")
+
+
+def space_app_source(model_id: str) -> str:
+    """The Space's ``app.py``: :mod:`soda_diffusers.space_app` standalone (the demo inlined), serving ``model_id``."""
+    source, count = re.subn(r"^MODEL_ID = None$", f"MODEL_ID = {model_id!r}", standalone_source(SPACE_APP_MODULE),
+                            flags=re.MULTILINE)
+    if count != 1:
+        raise ValueError(f"{SPACE_APP_MODULE}: expected one `MODEL_ID = None` line to set, found {count}")
+    return source
+
+
+def _imported_distributions(sources: Sequence[str]) -> set[str]:
+    """The (canonical) names of the installed distributions that ``sources`` import, the standard library aside."""
+    modules = set()
+    for source in sources:
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                modules.add(node.module.split(".")[0])
+    modules -= {*sys.stdlib_module_names, "__future__"}
+    owners = importlib.metadata.packages_distributions()
+    unknown = sorted(module for module in modules if module not in owners)
+    if unknown:
+        raise ValueError(f"the Space's code imports {unknown}, which no installed distribution provides")
+    return {canonicalize_name(owners[module][0]) for module in modules}
+
+
+def space_requirements(sources: Sequence[str]) -> list[str]:
+    """The Space's ``requirements.txt`` lines: every distribution ``sources`` import, with the version bounds
+    this package (and its ``demo`` extra) puts on it. Gradio is left out: the Space's ``sdk_version`` installs it."""
+    bounds = {}
+    for text in importlib.metadata.requires(DISTRIBUTION) or []:
+        requirement = Requirement(text)
+        if requirement.marker is None or requirement.marker.evaluate({"extra": "demo"}):
+            bounds[canonicalize_name(requirement.name)] = f"{requirement.name}{requirement.specifier}"
+    return sorted(bounds.get(name, name) for name in _imported_distributions(sources) - {"gradio"})
+
+
+def render_space_card(model_id: str, space_id: str | None = None) -> SpaceCard:
+    """The Space's ``README.md``: its metadata (Gradio SDK pinned to the installed Gradio, ``app.py``, the model
+    repo it serves) and how to run the same app elsewhere."""
+    try:
+        gradio_version = importlib.metadata.version("gradio")
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError('the Space pins the Gradio installed here, and there is none: pip install -e ".[demo]"') from None
+    title = f"SODA novel views: {model_id.split('/')[-1]}"
+    card_data = SpaceCardData(
+        title=title, emoji="🧊", colorFrom="indigo", colorTo="gray", sdk="gradio", sdk_version=gradio_version,
+        app_file="app.py", models=[model_id], license="apache-2.0", tags=TAGS,
+    )
+    body = f"""
+# {title}
+
+The interactive demo of [{model_id}](https://huggingface.co/{model_id}), a SODA bottleneck diffusion model for
+novel view synthesis: upload one picture of an object on a white background, turn the camera with the sliders,
+press Generate for one view or Orbit for 24 views around it. Transparent images are put on white and
+non-square ones padded to square, as the training images were.
+
+`app.py` is the `soda-nvs demo` app of soda-diffusers {soda_diffusers.__version__}, written standalone; the
+pipeline's code comes from the model repo (`trust_remote_code=True`). To run it elsewhere:
+
+```bash
+pip install -r requirements.txt gradio=={gradio_version}
+python app.py                                   # serves {model_id}
+SODA_PIPELINE=path/to/pipeline python app.py    # or another pipeline: a Hub id or a saved folder
+```
+"""
+    return SpaceCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
+
+
+def export_space(
+    pipe_or_dir: DiffusionPipeline | str | os.PathLike, out_dir: str | os.PathLike, model_id: str
+) -> Path:
+    """Write the Space folder that serves the demo of the model repo ``model_id`` (where ``pipe_or_dir`` is,
+    or will be, pushed) to ``out_dir``, new or empty: ``app.py``, ``requirements.txt`` (what ``app.py`` and
+    the pipeline's bundled code import) and ``README.md`` (the Space's metadata)."""
+    out_dir = _new_or_empty(out_dir)
+    pipe = _load_pipeline(pipe_or_dir)
+    app = space_app_source(model_id)
+    bundled = {type(pipe).__module__} | {
+        type(component).__module__ for component in pipe.components.values()
+        if component is not None and type(component).__module__.startswith(PACKAGE + ".")
+    }
+    requirements = space_requirements([app, *(standalone_source(module) for module in sorted(bundled))])
+    card = render_space_card(model_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "app.py").write_text(app, encoding="utf-8")
+    (out_dir / "requirements.txt").write_text("\n".join(requirements) + "\n", encoding="utf-8")
+    card.save(out_dir / "README.md")
+    return out_dir
+
+
+def push_space(
+    pipe_or_dir: DiffusionPipeline | str | os.PathLike,
+    space_id: str,
+    model_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+):
+    """Create (if needed) the Gradio Space ``space_id`` and upload :func:`export_space`'s folder to it, serving
+    the model repo ``model_id``: one commit that deletes nothing. Returns huggingface_hub's ``CommitInfo``;
+    raises :class:`HubUploadError`, keeping the folder, when the Hub cannot be reached or refuses."""
+    folder = Path(tempfile.mkdtemp(prefix="soda-space-export-"))
+    try:
+        export_space(pipe_or_dir, folder, model_id)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    try:
+        resolved = create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, token=token,
+                               exist_ok=True).repo_id
+        commit = upload_folder(
+            repo_id=resolved, repo_type="space", folder_path=folder, token=token,
+            commit_message=commit_message or f"Demo of {model_id} (soda-diffusers {soda_diffusers.__version__})",
+        )
+    except HUB_ERRORS as error:
+        raise HubUploadError(space_id, folder, error, repo_type="space") from error
     shutil.rmtree(folder, ignore_errors=True)
     return commit
 

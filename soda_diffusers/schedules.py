@@ -20,9 +20,25 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 SCHEDULES = ("inverted_cosine", "cosine", "linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Samplers by their command-line names; every one is built from the pipeline's own scheduler config,
+# so the noise schedule and prediction type the model was trained with carry over.
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "dpmsolver": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
 
 
 def inverted_cosine_alpha_bar(t: np.ndarray) -> np.ndarray:
@@ -71,3 +87,13 @@ def schedule_name(config) -> str:
         expected = betas_for_alpha_bar(inverted_cosine_alpha_bar, config["num_train_timesteps"])
         return "inverted_cosine" if np.allclose(betas, expected, atol=1e-6) else "custom"
     return {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(config.get("beta_schedule"), "custom")
+
+
+def set_scheduler(pipe, name: str):
+    """Swap ``pipe``'s sampler for the one called ``name`` in :data:`SCHEDULERS`, keeping its schedule
+    (``Class.from_config(pipe.scheduler.config)``). Returns ``pipe``."""
+    scheduler_class = SCHEDULERS.get(str(name).lower())
+    if scheduler_class is None:
+        raise ValueError(f"scheduler: expected one of {sorted(SCHEDULERS)}, got {name!r}")
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    return pipe

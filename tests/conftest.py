@@ -19,6 +19,25 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # the user's (training subprocesses inherit it).
 os.environ.setdefault("SODA_DIFFUSERS_CACHE", tempfile.mkdtemp(prefix="soda-diffusers-test-cache-"))
 
+# Run first in the fresh processes that must not see soda_diffusers: the package is installed
+# (editable), so it has to be refused actively.
+BLOCK_PACKAGE = """
+import sys
+
+class RefuseSodaDiffusers:
+    def find_spec(self, name, path=None, target=None):
+        if name == "soda_diffusers" or name.startswith("soda_diffusers."):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+
+sys.meta_path.insert(0, RefuseSodaDiffusers())
+try:
+    import soda_diffusers
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("soda_diffusers is importable in a process that must run without it")
+"""
+
 TINY_SIZE = 16
 TINY_ENCODER = dict(
     sample_size=TINY_SIZE, block_out_channels=(8, 16), layers_per_block=1, latent_dim=12, norm_num_groups=4,

@@ -13,14 +13,15 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_SIZE, make_tiny_pipeline
+from conftest import BLOCK_PACKAGE, TINY_SIZE, make_tiny_pipeline
 
 from soda_diffusers import orbit_rays
 from soda_diffusers.cameras import nmr_rays
+from soda_diffusers.cli import main
+from soda_diffusers.commands.demo import DemoData
 from soda_diffusers.data.synthetic import make_synthetic_nmr
 from soda_diffusers.demo import (
     SCHEDULER_CHOICES,
-    DemoData,
     Settings,
     UploadError,
     generate_view,
@@ -173,33 +174,60 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served_demo(tmp_path_factory):
-    """``soda-nvs demo`` on a saved tiny pipeline, serving this machine only (127.0.0.1)."""
-    browser_requirements_or_skip()  # before starting a server no browser will visit
-    folder = tmp_path_factory.mktemp("demo")
-    make_tiny_pipeline().save_pretrained(folder / "tiny")
+def serve(command: list[str], folder: Path, env: dict | None = None):
+    """Start ``command``, a Gradio server on 127.0.0.1, and wait until it answers: ``(process, url, log)``."""
     port = free_port()
-    command = [sys.executable, "-m", "soda_diffusers.cli", "demo", "--pipeline", str(folder / "tiny"),
-               "--host", "127.0.0.1", "--port", str(port)]
-    log = open(folder / "demo.log", "w")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(folder / "server.log", "w")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_NAME": "127.0.0.1",
+           "GRADIO_SERVER_PORT": str(port), **(env or {})}
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     while True:
         try:
             urllib.request.urlopen(url, timeout=2)
-            break
+            return server, url, log
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
-                pytest.fail(f"the demo did not start: {(folder / 'demo.log').read_text()[-2000:]}")
+                log.close()
+                pytest.fail(f"the app did not start: {(folder / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
-    yield url, folder
+
+
+def stop(server, log) -> None:
     server.terminate()
     server.wait(timeout=30)
     log.close()
+
+
+def export_space_dry_run(folder: Path) -> Path:
+    """``soda-nvs push --space --dry-run`` of a saved tiny pipeline: the model folder and the Space folder."""
+    make_tiny_pipeline().save_pretrained(folder / "tiny")
+    out = folder / "upload"
+    assert main(["push", "--pipeline", str(folder / "tiny"), "--repo-id", "someone/tiny", "--space",
+                 "someone/tiny-demo", "--dry-run", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module", params=["soda-nvs demo", "Space app.py"])
+def served_demo(request, tmp_path_factory):
+    """The demo on a tiny pipeline, serving this machine only (127.0.0.1): started by ``soda-nvs demo``, or as
+    the exported Space's ``app.py`` in a process that cannot import soda_diffusers, on the exported model folder."""
+    browser_requirements_or_skip()  # before starting a server no browser will visit
+    folder = tmp_path_factory.mktemp("demo")
+    if request.param == "soda-nvs demo":
+        make_tiny_pipeline().save_pretrained(folder / "tiny")
+        command = [sys.executable, "-m", "soda_diffusers.cli", "demo", "--pipeline", str(folder / "tiny")]
+        env = {}
+    else:
+        out = export_space_dry_run(folder)
+        app = out / "space" / "app.py"
+        command = [sys.executable, "-c", BLOCK_PACKAGE + f"import runpy; runpy.run_path({str(app)!r}, run_name='__main__')"]
+        env = {"SODA_PIPELINE": str(out / "model"), "HF_HUB_OFFLINE": "1"}
+    server, url, log = serve(command, folder, env)
+    yield url, folder
+    stop(server, log)
 
 
 def test_in_a_browser_generate_shows_a_view_and_a_bad_upload_an_error(served_demo):

@@ -28,7 +28,7 @@ from soda_diffusers.evaluate_nvs import (
     run_nvs,
     select_objects,
 )
-from soda_diffusers.evaluation import SCHEDULERS, generate_views_per_seed, set_scheduler, view_seeds
+from soda_diffusers.evaluation import generate_views_per_seed, view_seeds
 from soda_diffusers.metrics import (
     LPIPS,
     PSNR_MAX,
@@ -40,6 +40,7 @@ from soda_diffusers.metrics import (
     ssim,
     ssim_pixelnerf,
 )
+from soda_diffusers.schedules import SCHEDULERS, set_scheduler
 
 CATEGORIES = ["airplane", "car", "sofa"]
 SIZE = 16  # the tiny pipeline's resolution

@@ -4,6 +4,7 @@ Nothing here touches the network: loading runs in fresh processes with ``HF_HUB_
 repo id is served from a Hugging Face cache the test fills) and the upload calls are mocked.
 """
 
+import ast
 import json
 import os
 import re
@@ -20,13 +21,14 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import make_tiny_pipeline
+from conftest import BLOCK_PACKAGE, make_tiny_pipeline
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import LocalTokenNotFoundError, OfflineModeIsEnabled
 
 from soda_diffusers import SODANovelViewPipeline, orbit_rays
 from soda_diffusers.cli import main
 from soda_diffusers.hub import (
+    SPACE_FILES,
     HubUploadError,
     export_for_hub,
     preset_name,
@@ -46,9 +48,12 @@ EXPORTED_FILES = {
 }
 HUB_ROOT_FILES = {"model_index.json", "pipeline_soda_novel_view.py"}
 METRICS = {
-    "nvs": {"psnr": 21.4567, "ssim": 0.81234, "lpips": None, "num_objects": 40,
+    "nvs": {"psnr": 21.4567, "ssim": 0.81234, "ssim_pixelnerf": 0.84567, "lpips": None, "fg_iou": 0.81234,
+            "fg_color_error": 18.345, "num_objects": 40,
             "per_category": {"car": {"psnr": 23.8765, "ssim": 0.85432, "lpips": None, "num_objects": 20},
-                             "chair": {"psnr": 19.0369, "ssim": 0.77036, "lpips": None, "num_objects": 20}}},
+                             "chair": {"psnr": 19.0369, "ssim": 0.77036, "lpips": None, "num_objects": 20}},
+            "baselines": {"copy_source": {"psnr": 19.5432, "ssim": 0.61, "ssim_pixelnerf": 0.7246, "lpips": None,
+                                          "fg_iou": 0.5936, "fg_color_error": 20.396}}},
     "probe": {"linear_acc": 0.9375, "knn_acc": 0.8125},
     "fid": 87.6543,
 }
@@ -69,24 +74,6 @@ def refuse_network(*args, **kwargs):
 socket.socket.connect = socket.getaddrinfo = socket.create_connection = refuse_network
 """
 
-# Run first in the fresh processes that must not see soda_diffusers: the package is installed
-# (editable), so it has to be refused actively.
-BLOCK_PACKAGE = """
-import sys
-
-class RefuseSodaDiffusers:
-    def find_spec(self, name, path=None, target=None):
-        if name == "soda_diffusers" or name.startswith("soda_diffusers."):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
-
-sys.meta_path.insert(0, RefuseSodaDiffusers())
-try:
-    import soda_diffusers
-except ModuleNotFoundError:
-    pass
-else:
-    raise SystemExit("soda_diffusers is importable in a process that must run without it")
-"""
 
 
 def generate(pipe, work: Path) -> np.ndarray:
@@ -279,8 +266,10 @@ def test_model_card_metadata_and_content(exported):
     }
     text = card.text
     # The metrics file's numbers, overall and per category, the probes and FID.
-    for quoted in ("| all | 40 | 21.46 | 0.812 | n/a |", "| car | 20 | 23.88 | 0.854 | n/a |",
-                   "| chair | 20 | 19.04 | 0.770 | n/a |", "| linear acc | 0.938 |", "| knn acc | 0.812 |", "87.65"):
+    for quoted in ("| all | 40 | 21.46 | 0.812 | 0.846 | n/a | 0.812 | 18.3 |", "| car | 20 | 23.88 | 0.854 | n/a | n/a |",
+                   "| chair | 20 | 19.04 | 0.770 | n/a | n/a |", "| SODA | 21.46 | 0.812 | 0.846 | n/a | 0.812 | 18.3 |",
+                   "| copy the source view | 19.54 | 0.610 | 0.725 | n/a | 0.594 | 20.4 |",
+                   "| linear acc | 0.938 |", "| knn acc | 0.812 |", "87.65"):
         assert quoted in text, quoted
     encoder_parameters = sum(p.numel() for p in exported.pipe.encoder.parameters())
     unet_parameters = sum(p.numel() for p in exported.pipe.unet.parameters())
@@ -411,6 +400,121 @@ def test_upload_adds_one_commit_and_deletes_nothing(temp_root, exported, monkeyp
     # The card names the repo as create_repo completed it.
     assert 'from_pretrained("someone/tiny")' in calls["readme"]
     assert list(temp_root.iterdir()) == []  # the temporary export is gone once uploaded
+
+
+# --- The Space ---------------------------------------------------------------------------------------
+
+SPACE_ID = "soda-test/tiny-demo"
+
+
+@pytest.fixture(scope="module")
+def space_export(exported, tmp_path_factory):
+    out = tmp_path_factory.mktemp("space") / "upload"
+    assert main(["push", "--pipeline", str(exported.run_dir), "--repo-id", REPO_ID, "--space", SPACE_ID,
+                 "--dry-run", str(out)]) == 0
+    return out
+
+
+def test_space_dry_run_writes_the_model_and_the_space_folders(space_export, exported):
+    model_files = {p.relative_to(space_export / "model").as_posix() for p in (space_export / "model").rglob("*") if p.is_file()}
+    assert model_files == EXPORTED_FILES
+    assert {p.name for p in (space_export / "space").iterdir()} == set(SPACE_FILES)
+    app = (space_export / "space" / "app.py").read_text()
+    top_level = set()
+    for node in ast.walk(ast.parse(app)):
+        if isinstance(node, ast.Import):
+            top_level |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert not node.level, ast.unparse(node)
+            top_level.add(node.module.split(".")[0])
+    assert top_level - {*sys.stdlib_module_names, "__future__"} == {"numpy", "torch", "diffusers", "PIL", "gradio"}
+    assert re.search(rf"^MODEL_ID = {REPO_ID!r}$", app, flags=re.MULTILINE)
+    # What app.py and the model's bundled code import, with the bounds setup.cfg gives them.
+    requirements = (space_export / "space" / "requirements.txt").read_text().split()
+    assert requirements == ["diffusers>=0.30", "numpy>=1.24", "pillow>=9", "torch>=2.1"]
+
+
+def test_space_card_metadata(space_export):
+    import importlib.metadata
+
+    from huggingface_hub import SpaceCard
+
+    card = SpaceCard.load(space_export / "space" / "README.md")
+    data = card.data.to_dict()
+    assert data["sdk"] == "gradio" and data["app_file"] == "app.py" and data["models"] == [REPO_ID]
+    assert data["sdk_version"] == importlib.metadata.version("gradio")
+    assert f"https://huggingface.co/{REPO_ID}" in card.text and "python app.py" in card.text
+
+
+def test_space_app_generates_what_the_package_does_without_the_package(space_export, exported, tmp_path):
+    """The Space's app.py, imported in a process that cannot import soda_diffusers, on the pipeline loaded
+    from the model folder with its bundled code: its generate_view gives the package's images."""
+    from soda_diffusers.demo import Settings, generate_view
+
+    source = PIL.Image.open(exported.work / "source.png")
+    settings = Settings("DPM-Solver", steps=4, seed=3)
+    expected = np.asarray(generate_view(exported.pipe, source, 120.0, 20.0, settings))
+    np.save(tmp_path / "expected_view.npy", expected)
+    code = BLOCK_PACKAGE + textwrap.dedent(f"""
+        import runpy
+        import numpy as np
+        import PIL.Image
+        from diffusers import DiffusionPipeline
+
+        app = runpy.run_path({str(space_export / "space" / "app.py")!r})  # not __main__: nothing is served
+        pipe = DiffusionPipeline.from_pretrained({str(space_export / "model")!r}, trust_remote_code=True)
+        pipe.set_progress_bar_config(disable=True)
+        view = app["generate_view"](pipe, PIL.Image.open("source.png"), 120.0, 20.0,
+                                    app["Settings"]("DPM-Solver", steps=4, seed=3))
+        np.testing.assert_array_equal(np.asarray(view), np.load("expected_view.npy"))
+        assert not [m for m in sys.modules if m.startswith("soda_diffusers")]
+    """)
+    run_python(code, work_dir(exported, tmp_path), exported.hf_home)
+
+
+def test_push_with_space_uploads_the_model_then_the_space(temp_root, exported, monkeypatch, capsys):
+    calls = []
+
+    def create_repo(repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+        return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"someone/{repo_id}")
+
+    def upload_folder(**kwargs):
+        folder = Path(kwargs["folder_path"])
+        files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        app = (folder / "app.py").read_text() if (folder / "app.py").is_file() else None
+        calls.append(("upload_folder", kwargs["repo_id"], kwargs.get("repo_type"), files, app))
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/0123",
+                               repo_url=SimpleNamespace(repo_id=kwargs["repo_id"]))
+
+    monkeypatch.setattr("soda_diffusers.hub.create_repo", create_repo)
+    monkeypatch.setattr("soda_diffusers.hub.upload_folder", upload_folder)
+    assert main(["push", "--pipeline", str(exported.run_dir), "--repo-id", "tiny", "--space", "tiny-demo"]) == 0
+    (_, model_repo, model_kwargs), model_upload, (_, space_repo, space_kwargs), space_upload = calls
+    assert model_repo == "tiny" and "repo_type" not in model_kwargs and model_upload[3] == EXPORTED_FILES
+    assert space_repo == "tiny-demo" and space_kwargs["repo_type"] == "space" and space_kwargs["space_sdk"] == "gradio"
+    assert space_upload[1:4] == ("someone/tiny-demo", "space", set(SPACE_FILES))
+    # The Space serves the model repo under the name create_repo completed.
+    assert "MODEL_ID = 'someone/tiny'" in space_upload[4]
+    assert "uploaded the Space: https://huggingface.co/someone/tiny-demo/commit/0123" in capsys.readouterr().out
+    assert list(temp_root.iterdir()) == []
+
+
+def test_a_refused_space_upload_keeps_its_folder(temp_root, exported, monkeypatch, capsys):
+    def create_repo(repo_id, **kwargs):
+        if kwargs.get("repo_type") == "space":
+            raise LocalTokenNotFoundError("Token is required (`token=True`), but no token found.")
+        return SimpleNamespace(repo_id=repo_id)
+
+    monkeypatch.setattr("soda_diffusers.hub.create_repo", create_repo)
+    monkeypatch.setattr("soda_diffusers.hub.upload_folder",
+                        lambda **kwargs: SimpleNamespace(commit_url="https://huggingface.co/x/commit/1"))
+    assert main(["push", "--pipeline", str(exported.run_dir), "--repo-id", REPO_ID, "--space", SPACE_ID]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"soda-nvs push: error: could not upload to the Hugging Face Hub space {SPACE_ID!r}")
+    assert "--repo-type space" in error
+    kept, = temp_root.iterdir()
+    assert {p.name for p in kept.iterdir()} == set(SPACE_FILES) and str(kept) in error
 
 
 def test_dataset_card(tmp_path):

@@ -4,14 +4,46 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+
+class DemoData:
+    """Held-out NMR objects to pick a source view from (``soda-nvs demo --data``)."""
+
+    def __init__(self, path: str | Path, image_size: int):
+        from soda_diffusers.data import NMRObjects
+
+        self.objects = NMRObjects(path, split="test", image_size=image_size, store=True)
+        self.image_size = image_size
+        self._ids = None
+
+    @property
+    def object_ids(self) -> list[str]:
+        if self._ids is None:
+            self._ids = [f"{synset}/{name}" for synset, name in self.objects._objects]
+        return self._ids
+
+    def item(self, object_id: str) -> dict:
+        return self.objects[self.object_ids.index(object_id)]
+
+    def gallery(self, object_id: str) -> list[tuple[PIL.Image.Image, str]]:
+        from soda_diffusers.demo import model_to_pil
+
+        images = self.item(object_id)["images"]
+        return [(model_to_pil(images[view]), f"view {view}") for view in range(images.shape[0])]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="an interactive demo in the browser (Gradio)")
     parser.add_argument("--pipeline", required=True, help="a saved pipeline directory or a Hub model id")
     parser.add_argument("--data", help="an NMR-format folder, zip or Arrow directory: pick held-out test objects")
-    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    parser.add_argument("--host", help="address to serve on (default: $GRADIO_SERVER_NAME, else 127.0.0.1: this "
+                        "machine only)")
+    parser.add_argument("--port", type=int, help="port (default: $GRADIO_SERVER_PORT, else 7860)")
     parser.add_argument("--share", action="store_true", help="also serve on a public gradio.live link")
     parser.set_defaults(func=run)
 
@@ -32,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = SODANovelViewPipeline.from_pretrained(args.pipeline)
     if torch.cuda.is_available():
         pipe = pipe.to("cuda")
-    data = demo.DemoData(args.data, pipe.encoder.config.sample_size) if args.data else None
+    data = DemoData(args.data, pipe.encoder.config.sample_size) if args.data else None
     app = demo.build_app(pipe, data)
     demo.launch_app(app, server_name=args.host, server_port=args.port, share=args.share)
     return 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from soda_diffusers.evaluation import SCHEDULERS
+    from soda_diffusers.schedules import SCHEDULERS
 
     parser = subparsers.add_parser(
         "evaluate",
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     from soda_diffusers import SODANovelViewPipeline
     from soda_diffusers.evaluate_nvs import EVALUATION_TYPES, evaluate
-    from soda_diffusers.evaluation import set_scheduler
+    from soda_diffusers.schedules import set_scheduler
 
     if not Path(args.pipeline).is_dir():
         raise FileNotFoundError(f"--pipeline: no pipeline directory at {args.pipeline}")

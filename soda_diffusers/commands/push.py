@@ -27,12 +27,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--dataset", help="the Hub dataset id of the training data, for the card's metadata")
     parser.add_argument("--commit-message", help="the commit message")
-    parser.add_argument("--dry-run", metavar="DIR", help="write the folder that would be uploaded to DIR, upload nothing")
+    parser.add_argument(
+        "--space", metavar="USER/NAME",
+        help="also publish the demo (soda-nvs demo) as a Gradio Space serving --repo-id: app.py, requirements.txt "
+        "and the Space's README.md",
+    )
+    parser.add_argument(
+        "--dry-run", metavar="DIR",
+        help="write the folder that would be uploaded to DIR, upload nothing (with --space: DIR/model and DIR/space)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from soda_diffusers.hub import HubUploadError, export_for_hub, push_to_hub
+    from soda_diffusers.hub import HubUploadError, export_for_hub, export_space, push_space, push_to_hub
 
     if not Path(args.pipeline).is_dir():
         raise FileNotFoundError(f"--pipeline: no folder {args.pipeline}")
@@ -40,10 +48,17 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--metrics: no file {args.metrics}")
     export_kwargs = {"metrics": args.metrics, "samples": args.samples, "dataset": args.dataset}
     if args.dry_run:
-        out = export_for_hub(args.pipeline, args.dry_run, repo_id=args.repo_id, **export_kwargs)
-        files = sorted(p for p in out.rglob("*") if p.is_file())
-        megabytes = sum(p.stat().st_size for p in files) / 1e6
-        print(f"wrote {out}: {len(files)} files, {megabytes:.1f} MB, the folder `push` would upload to {args.repo_id}")
+        out = Path(args.dry_run)
+        model_dir = out / "model" if args.space else out
+        folders = [(export_for_hub(args.pipeline, model_dir, repo_id=args.repo_id, **export_kwargs), args.repo_id)]
+        if args.space:
+            folders.append((export_space(args.pipeline, out / "space", args.repo_id), f"the Space {args.space}"))
+        for folder, target in folders:
+            files = sorted(p for p in folder.rglob("*") if p.is_file())
+            megabytes = sum(p.stat().st_size for p in files) / 1e6
+            print(f"wrote {folder}: {len(files)} files, {megabytes:.1f} MB, the folder `push` would upload to {target}")
+        if args.space:
+            print(f"try the Space's app on the model folder: SODA_PIPELINE={model_dir} python {out / 'space' / 'app.py'}")
         print("dry run: nothing was uploaded")
         return 0
     try:
@@ -55,4 +70,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"soda-nvs {args.command}: error: {error}", file=sys.stderr)
         return 1
     print(f"uploaded: {commit.commit_url}")
+    if args.space:
+        # The model repo's id as create_repo completed it (a bare name gets the user's namespace).
+        model_id = getattr(getattr(commit, "repo_url", None), "repo_id", None) or args.repo_id
+        try:
+            space_commit = push_space(args.pipeline, args.space, model_id, private=True if args.private else None,
+                                      commit_message=args.commit_message)
+        except HubUploadError as error:
+            print(f"soda-nvs {args.command}: error: {error}", file=sys.stderr)
+            return 1
+        print(f"uploaded the Space: {space_commit.commit_url}")
     return 0

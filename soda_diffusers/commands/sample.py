@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from soda_diffusers.evaluation import SCHEDULERS
+    from soda_diffusers.schedules import SCHEDULERS
 
     parser = subparsers.add_parser(
         "sample",
@@ -55,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
         generate_views_per_seed,
         object_target_rays,
         seeded_view,
-        set_scheduler,
         target_views,
         view_seeds,
     )
+    from soda_diffusers.schedules import set_scheduler
     from soda_diffusers.visualize import make_grid, save_gif
 
     if not Path(args.pipeline).is_dir():
