@@ -19,7 +19,9 @@ def tiny_inputs(batch=2, size=16):
     [
         (SODAEncoder, TINY_ENCODER),
         (SODAEncoder, dict(TINY_ENCODER, pooling="flatten", latent_norm="batch")),
+        (SODAEncoder, dict(TINY_ENCODER, pooling="flatten", patch_size=2, background_value=1.0, thumbnail_size=4)),
         (SODAUNet2DModel, TINY_UNET),
+        (SODAUNet2DModel, dict(TINY_UNET, cross_attention_resolutions=(16, 4), latent_tokens=3)),
     ],
 )
 def test_save_and_load_round_trip_config_and_weights(tmp_path, model_class, config):
@@ -112,6 +114,30 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_cross_attention_starts_as_the_identity_and_reads_each_latent_token():
+    config = dict(TINY_UNET, layerwise_modulation=False, cross_attention_resolutions=(16, 8, 4), latent_tokens=4)
+    unet = SODAUNet2DModel(**config)
+    plain = SODAUNet2DModel(**dict(config, cross_attention_resolutions=()))
+    randomize_(plain)
+    # The shared weights copied over; the cross-attention layers keep their zero-initialised outputs.
+    missing, unexpected = unet.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all("cross_attention" in k or "latent_token" in k for k in missing)
+    # 16 px, no patches: levels at 16 and 8 px (one block down, two up, each) and the first middle block.
+    assert sum(1 for name, _ in unet.named_modules() if name.endswith("cross_attention")) == 2 * (1 + 2) + 1
+    sample, rays, z = tiny_inputs()
+    unet.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(unet(sample, 10, rays, z).sample, plain(sample, 10, rays, z).sample)
+        randomize_(unet, seed=5)
+        base = unet(sample, 10, rays, z).sample
+        for token in range(4):  # every token reaches the output
+            changed = z.clone()
+            changed[:, 3 * token : 3 * token + 3] += 1
+            assert not torch.allclose(base, unet(sample, 10, rays, changed).sample), token
+    with pytest.raises(ValueError, match="latent_tokens: expected a divisor of latent_dim"):
+        SODAUNet2DModel(**dict(config, latent_tokens=5))
+
+
 def test_encoder_fuses_several_views_and_needs_their_rays():
     encoder = randomize_(SODAEncoder(**TINY_ENCODER)).eval()
     views = torch.rand(2, 3, 3, 16, 16) * 2 - 1
@@ -125,6 +151,36 @@ def test_encoder_fuses_several_views_and_needs_their_rays():
         torch.testing.assert_close(encoder(views[:, 0]), encoder(views[:, 0], rays[:, 0]), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="source_rays"):
         encoder(views)
+
+
+def test_the_stem_sees_the_white_background_as_zero_with_background_value_1():
+    seen = []
+    for background_value in (0.0, 1.0):
+        encoder = randomize_(SODAEncoder(**dict(TINY_ENCODER, background_value=background_value))).eval()
+        encoder.conv_in.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0][:, :3]))
+        white = torch.ones(1, 3, 16, 16)
+        white[..., 6:10, 6:10] = torch.tensor([0.2, -0.5, 0.9])[:, None, None]  # a coloured object
+        with torch.no_grad():
+            encoder(white)
+    torch.testing.assert_close(seen[1], seen[0] - 1)
+    assert (seen[1][..., :6, :] == 0).all() and (seen[1][..., 6:10, 6:10] != 0).all()
+    # Patches of the same image feed a stem of patch_size**2 times the channels.
+    encoder = SODAEncoder(**dict(TINY_ENCODER, patch_size=2, background_value=1.0)).eval()
+    assert encoder.conv_in.in_channels == 4 * SODAEncoder(**TINY_ENCODER).conv_in.in_channels
+    assert encoder(white).shape == (1, TINY_ENCODER["latent_dim"])
+
+
+def test_the_thumbnail_path_carries_the_mean_colours_of_the_source_into_z():
+    encoder = SODAEncoder(**dict(TINY_ENCODER, thumbnail_size=2, background_value=1.0)).eval()
+    with torch.no_grad():
+        encoder.proj_out.weight.zero_()  # only the thumbnail path left
+        encoder.proj_out.bias.zero_()
+        views = torch.ones(2, 3, 16, 16)
+        views[0, :, :8, :8] = torch.tensor([0.5, -0.5, 0.0])[:, None, None]
+        views[1, :, :8, :8] = torch.tensor([-0.5, 0.0, 0.5])[:, None, None]  # the same object, its channels turned
+        thumbnails = torch.nn.functional.adaptive_avg_pool2d(views - 1, 2).flatten(1)
+        torch.testing.assert_close(encoder(views), encoder.thumbnail_proj(thumbnails))
+        assert not torch.allclose(encoder(views)[0], encoder(views)[1])
 
 
 def test_flatten_pooling_sees_where_the_object_is():

@@ -216,7 +216,13 @@ def launch_ranks(flags, world_size=2):
 
 
 def finish(processes, timeout=60):
-    outputs = [process.communicate(timeout=timeout)[0] for process in processes]
+    try:
+        outputs = [process.communicate(timeout=timeout)[0] for process in processes]
+    except subprocess.TimeoutExpired:
+        for process in processes:  # no hung rank left behind to slow the rest of the suite
+            process.kill()
+        tails = [process.communicate()[0][-2000:] for process in processes]
+        pytest.fail(f"the ranks did not exit within {timeout} s: {tails}")
     return [process.returncode for process in processes], outputs
 
 

@@ -612,6 +612,14 @@ def main(argv: list[str] | None = None) -> int:
     # already exited (while rank 0 exported the pipeline) could hang at exit, seen in about 1 of 5 runs.
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.num_processes > 1:
+        # Leave now, while this frame still holds the models: freeing a DDP model's reducer (when main
+        # returns, or in the interpreter's teardown) joins gloo's worker thread while holding the GIL, and
+        # that thread may still be freeing a finished all-gather whose tensors need the GIL. A deadlock
+        # at exit in about 1 of 3 two-process runs (py-spy: the main thread in ~ProcessGroupGloo).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
     return exit_code
 
 
@@ -728,13 +736,4 @@ def push_pipeline(pipe, output_dir: Path, args) -> int:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Everything is written and the process group is closed; leave without the interpreter's teardown.
-        # There, freeing the DDP reducer joins gloo's worker thread while holding the GIL, and that thread
-        # may still be freeing a finished all-gather whose tensors need the GIL: a deadlock at exit
-        # (seen in about 1 of 3 two-process runs, with the main thread in ~ProcessGroupGloo).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code)
-    sys.exit(exit_code)
+    sys.exit(main())

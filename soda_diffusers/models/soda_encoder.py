@@ -42,6 +42,16 @@ class SODAEncoder(ModelMixin, ConfigMixin):
             part, which normalising each latent on its own keeps), so the U-Net first learns to ignore
             ``z`` and the encoder gets little signal; batch standardisation keeps only the differences
             between objects, at unit scale, from the first step.
+        background_value: subtracted from the source pixels before the stem and the thumbnail, so that
+            the background is zero (1.0 for NMR's white): only the object's pixels carry signal in.
+        thumbnail_size: when above 0, the source view average-pooled to ``thumbnail_size`` squared
+            pixels also feeds ``z``, through one linear map beside the ResNet. Trained alone, the
+            ResNet stays nearly colour-blind (its stem's weights grow equal on R, G and B), and the
+            U-Net then draws each category's usual colours; on this path an object's colours reach
+            ``z`` without passing a normalisation.
+        patch_size: the encoder works on ``patch_size x patch_size`` pixel patches folded into channels
+            (pixel unshuffle, as :class:`SODAUNet2DModel`'s option): ``patch_size**2`` times fewer
+            positions for its full-resolution stage, its costliest.
     """
 
     _supports_gradient_checkpointing = True
@@ -63,8 +73,16 @@ class SODAEncoder(ModelMixin, ConfigMixin):
         fov_deg: float = 30.0,
         pooling: str = "mean",
         latent_norm: str = "none",
+        patch_size: int = 1,
+        background_value: float = 0.0,
+        thumbnail_size: int = 0,
     ):
         super().__init__()
+        if sample_size % (patch_size * 2 ** (len(block_out_channels) - 1)):
+            raise ValueError(
+                f"sample_size: {sample_size} cannot be split in {patch_size}-pixel patches and halved "
+                f"{len(block_out_channels) - 1} times (block_out_channels)"
+            )
         ray_channels = 0
         if use_source_rays:
             self.ray_embedding = RayEncoding(
@@ -75,7 +93,7 @@ class SODAEncoder(ModelMixin, ConfigMixin):
             canonical = orbit_rays([0.0], fov_deg=fov_deg, size=sample_size)
             self.register_buffer("canonical_rays", canonical, persistent=False)
 
-        self.conv_in = nn.Conv2d(in_channels + ray_channels, block_out_channels[0], 3, padding=1)
+        self.conv_in = nn.Conv2d((in_channels + ray_channels) * patch_size**2, block_out_channels[0], 3, padding=1)
         stages = []
         channels = block_out_channels[0]
         for i, out_channels in enumerate(block_out_channels):
@@ -92,8 +110,10 @@ class SODAEncoder(ModelMixin, ConfigMixin):
         self.norm_out = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
         if pooling not in ("mean", "flatten"):
             raise ValueError(f"pooling: expected 'mean' or 'flatten', got {pooling!r}")
-        final_size = sample_size // 2 ** (len(block_out_channels) - 1)
+        final_size = sample_size // patch_size // 2 ** (len(block_out_channels) - 1)
         self.proj_out = nn.Linear(channels * (final_size**2 if pooling == "flatten" else 1), latent_dim)
+        if thumbnail_size:
+            self.thumbnail_proj = nn.Linear(in_channels * thumbnail_size**2, latent_dim)
         if latent_norm not in ("none", "batch"):
             raise ValueError(f"latent_norm: expected 'none' or 'batch', got {latent_norm!r}")
         if latent_norm == "batch":
@@ -117,7 +137,7 @@ class SODAEncoder(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"source_image: expected {config.sample_size}x{config.sample_size} pixels, got {size[0]}x{size[1]}"
             )
-        x = source_image.flatten(0, 1)
+        x = source_image.flatten(0, 1) - config.background_value
         if config.use_source_rays:
             if source_rays is None:
                 if views > 1:
@@ -131,11 +151,14 @@ class SODAEncoder(ModelMixin, ConfigMixin):
                 )
             x = torch.cat([x, self.ray_embedding(source_rays.flatten(0, 1).to(x.dtype))], dim=1)
 
-        h = self.conv_in(x)
+        h = self.conv_in(nn.functional.pixel_unshuffle(x, config.patch_size))
         for stage in self.stages:
             h = stage(h)
         h = nn.functional.silu(self.norm_out(h))
         z = self.proj_out(h.flatten(1) if config.pooling == "flatten" else h.mean(dim=(2, 3)))
+        if config.thumbnail_size:
+            pixels = source_image.flatten(0, 1) - config.background_value
+            z = z + self.thumbnail_proj(nn.functional.adaptive_avg_pool2d(pixels, config.thumbnail_size).flatten(1))
         if config.latent_norm == "batch":
             z = self.latent_batch_norm(z)
         return z.view(batch, views, -1).mean(dim=1)

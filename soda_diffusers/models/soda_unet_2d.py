@@ -52,8 +52,11 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
 
     Levels: ``len(block_out_channels)`` down levels, a middle, and as many up levels. With
     ``layerwise_modulation`` the latent is split into ``levels + 1`` chunks: chunk ``i`` modulates
-    down level ``i`` and its mirror up level, the last chunk the middle. ``layer_mask_prob`` drops
-    (zeroes) each chunk independently in training and ``z_drop_prob`` the whole latent (for
+    down level ``i`` and its mirror up level, the last chunk the middle. With
+    ``cross_attention_resolutions``, blocks at those resolutions also attend to ``z`` split into
+    ``latent_tokens`` tokens (SODA's 3D setting uses cross-attention beside AdaGN): each position
+    reads what it needs of the latent, where AdaGN gives every position the same scale and shift.
+    ``layer_mask_prob`` drops (zeroes) each chunk independently in training and ``z_drop_prob`` the whole latent (for
     classifier-free guidance); both act only in ``train()`` mode, so evaluation is deterministic.
 
     Parameters:
@@ -72,6 +75,10 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
         patch_size: the U-Net works on ``patch_size x patch_size`` pixel patches folded into channels
             (pixel unshuffle), ``patch_size**2`` times fewer positions: the cheapest way to spend a CPU's
             few FLOPs on depth and width rather than on full-resolution convolutions.
+        cross_attention_resolutions: resolutions (in positions, after patching) whose blocks get a
+            cross-attention layer to the latent tokens; empty: AdaGN only.
+        latent_tokens: how many tokens ``z`` is split into for cross-attention (``latent_dim`` must be a
+            multiple); each is embedded by one shared linear map plus a learnt embedding of its index.
     """
 
     _supports_gradient_checkpointing = True
@@ -97,9 +104,13 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
         ray_fourier_features: int = 16,
         ray_fourier_scale: float = 1.0,
         patch_size: int = 1,
+        cross_attention_resolutions: tuple[int, ...] = (),
+        latent_tokens: int = 8,
     ):
         super().__init__()
         levels = len(block_out_channels)
+        if cross_attention_resolutions and (latent_tokens < 1 or latent_dim % latent_tokens):
+            raise ValueError(f"latent_tokens: expected a divisor of latent_dim ({latent_dim}), got {latent_tokens}")
         if sample_size % (patch_size * 2 ** (levels - 1)):
             raise ValueError(
                 f"sample_size: {sample_size} cannot be split in {patch_size}-pixel patches and halved "
@@ -134,8 +145,32 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
                 _from_deprecated_attn_block=True,
             )
 
+        def cross_attention(channels: int) -> Attention:
+            layer = Attention(
+                channels,
+                cross_attention_dim=temb_channels,
+                heads=max(1, channels // attention_head_dim),
+                dim_head=attention_head_dim,
+                norm_num_groups=norm_num_groups,
+                residual_connection=True,
+                bias=True,
+                upcast_softmax=True,
+            )
+            # Zero-initialised output: the layer starts as the identity, as the ResNet blocks do.
+            nn.init.zeros_(layer.to_out[0].weight)
+            nn.init.zeros_(layer.to_out[0].bias)
+            return layer
+
         def block(cin: int, cout: int, level: int, resolution: int) -> _Block:
-            return _Block(resnet(cin, cout, level), attention(cout) if resolution in attention_resolutions else None)
+            return _Block(
+                resnet(cin, cout, level),
+                attention(cout) if resolution in attention_resolutions else None,
+                cross_attention(cout) if resolution in cross_attention_resolutions else None,
+            )
+
+        if cross_attention_resolutions:
+            self.latent_token_proj = nn.Linear(latent_dim // latent_tokens, temb_channels)
+            self.latent_token_embedding = nn.Parameter(torch.zeros(latent_tokens, temb_channels))
 
         self.down_levels = nn.ModuleList()
         skip_channels = [block_out_channels[0]]
@@ -155,7 +190,11 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
 
         # As in ADM, the middle has attention whenever any resolution has.
         mid_attention = attention(channels) if attention_resolutions else None
-        mid_blocks = [_Block(resnet(channels, channels, levels), mid_attention), _Block(resnet(channels, channels, levels), None)]
+        mid_cross_attention = cross_attention(channels) if resolution in cross_attention_resolutions else None
+        mid_blocks = [
+            _Block(resnet(channels, channels, levels), mid_attention, mid_cross_attention),
+            _Block(resnet(channels, channels, levels), None),
+        ]
         self.mid_level = _Level("mid", levels, mid_blocks, None)
 
         self.up_levels = nn.ModuleList()
@@ -181,6 +220,13 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
         if not self.config.layerwise_modulation:
             return [z] * (len(self.config.block_out_channels) + 1)
         return list(z.split(self.z_chunk_sizes, dim=1))
+
+    def latent_tokens(self, z: torch.Tensor) -> torch.Tensor | None:
+        """``z`` as ``(B, latent_tokens, C)`` tokens for cross-attention; None without cross-attention."""
+        if not self.config.cross_attention_resolutions:
+            return None
+        tokens = z.view(z.shape[0], self.config.latent_tokens, -1)
+        return self.latent_token_proj(tokens) + self.latent_token_embedding
 
     def drop_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Training-time z-dropout (whole latent, for classifier-free guidance) and layer masking (chunks)."""
@@ -225,15 +271,16 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
         if self.training:
             z = self.drop_latents(z)
         z_per_level = self.z_chunks(z.to(sample.dtype))
+        tokens = self.latent_tokens(z.to(sample.dtype))
 
         h = torch.cat([sample, self.ray_embedding(target_rays.to(sample.dtype))], dim=1)
         h = self.conv_in(nn.functional.pixel_unshuffle(h, config.patch_size))
         skips = [h]
         for level in self.down_levels:
-            h = level(h, temb, z_per_level[level.level], skips)
-        h = self.mid_level(h, temb, z_per_level[-1], skips)
+            h = level(h, temb, z_per_level[level.level], tokens, skips)
+        h = self.mid_level(h, temb, z_per_level[-1], tokens, skips)
         for level in self.up_levels:
-            h = level(h, temb, z_per_level[level.level], skips)
+            h = level(h, temb, z_per_level[level.level], tokens, skips)
         h = self.conv_out(nn.functional.silu(self.conv_norm_out(h)))
         h = nn.functional.pixel_shuffle(h, config.patch_size)
         if not return_dict:
@@ -242,14 +289,19 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
 
 
 class _Block(nn.Module):
-    def __init__(self, resnet: AdaGNResnetBlock, attention: nn.Module | None):
+    def __init__(self, resnet: AdaGNResnetBlock, attention: nn.Module | None, cross_attention: nn.Module | None = None):
         super().__init__()
         self.resnet = resnet
         self.attention = attention
+        self.cross_attention = cross_attention
 
-    def forward(self, h: torch.Tensor, temb: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, temb: torch.Tensor, z: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
         h = self.resnet(h, temb, z)
-        return h if self.attention is None else self.attention(h)
+        if self.attention is not None:
+            h = self.attention(h)
+        if self.cross_attention is not None:
+            h = self.cross_attention(h, encoder_hidden_states=tokens)
+        return h
 
 
 class _Level(nn.Module):
@@ -264,14 +316,15 @@ class _Level(nn.Module):
         self.resample = resample
         self.gradient_checkpointing = False
 
-    def forward(self, h: torch.Tensor, temb: torch.Tensor, z: torch.Tensor, skips: list) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, temb: torch.Tensor, z: torch.Tensor, tokens: torch.Tensor | None,
+                skips: list) -> torch.Tensor:
         for block in self.blocks:
             if self.kind == "up":
                 h = torch.cat([h, skips.pop()], dim=1)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                h = self._gradient_checkpointing_func(block, h, temb, z)
+                h = self._gradient_checkpointing_func(block, h, temb, z, tokens)
             else:
-                h = block(h, temb, z)
+                h = block(h, temb, z, tokens)
             if self.kind == "down":
                 skips.append(h)
         if self.resample is not None:
