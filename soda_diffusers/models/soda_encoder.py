@@ -137,7 +137,8 @@ class SODAEncoder(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"source_image: expected {config.sample_size}x{config.sample_size} pixels, got {size[0]}x{size[1]}"
             )
-        x = source_image.flatten(0, 1) - config.background_value
+        pixels = source_image.flatten(0, 1) - config.background_value
+        x = pixels
         if config.use_source_rays:
             if source_rays is None:
                 if views > 1:
@@ -157,7 +158,6 @@ class SODAEncoder(ModelMixin, ConfigMixin):
         h = nn.functional.silu(self.norm_out(h))
         z = self.proj_out(h.flatten(1) if config.pooling == "flatten" else h.mean(dim=(2, 3)))
         if config.thumbnail_size:
-            pixels = source_image.flatten(0, 1) - config.background_value
             z = z + self.thumbnail_proj(nn.functional.adaptive_avg_pool2d(pixels, config.thumbnail_size).flatten(1))
         if config.latent_norm == "batch":
             z = self.latent_batch_norm(z)

@@ -133,7 +133,7 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
         def resnet(cin: int, cout: int, level: int) -> AdaGNResnetBlock:
             return AdaGNResnetBlock(cin, cout, temb_channels, z_channels(level), norm_num_groups, dropout)
 
-        def attention(channels: int) -> Attention:
+        def attention(channels: int, **cross) -> Attention:
             return Attention(
                 channels,
                 heads=max(1, channels // attention_head_dim),
@@ -142,20 +142,11 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
                 residual_connection=True,
                 bias=True,
                 upcast_softmax=True,
-                _from_deprecated_attn_block=True,
+                **(cross or {"_from_deprecated_attn_block": True}),
             )
 
         def cross_attention(channels: int) -> Attention:
-            layer = Attention(
-                channels,
-                cross_attention_dim=temb_channels,
-                heads=max(1, channels // attention_head_dim),
-                dim_head=attention_head_dim,
-                norm_num_groups=norm_num_groups,
-                residual_connection=True,
-                bias=True,
-                upcast_softmax=True,
-            )
+            layer = attention(channels, cross_attention_dim=temb_channels)
             # Zero-initialised output: the layer starts as the identity, as the ResNet blocks do.
             nn.init.zeros_(layer.to_out[0].weight)
             nn.init.zeros_(layer.to_out[0].bias)
