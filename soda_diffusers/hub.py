@@ -612,14 +612,16 @@ def render_model_card(
 # Export and upload
 
 
-def _new_or_empty(out_dir: str | os.PathLike) -> Path:
+def new_or_empty_folder(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` as a Path, or a ValueError when it exists and is not an empty folder."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"out_dir: {out_dir} exists and is not an empty folder; give a new or empty one")
     return out_dir
 
 
-def _load_pipeline(pipe_or_dir: DiffusionPipeline | str | os.PathLike) -> DiffusionPipeline:
+def load_pipeline(pipe_or_dir: DiffusionPipeline | str | os.PathLike) -> DiffusionPipeline:
+    """``pipe_or_dir`` itself, or the pipeline saved there (a clear error when it is no pipeline folder)."""
     if isinstance(pipe_or_dir, DiffusionPipeline):
         return pipe_or_dir
     if not (Path(pipe_or_dir) / "model_index.json").is_file():
@@ -649,8 +651,8 @@ def export_for_hub(
         repo_id: the Hub repo the card's usage snippets load.
         dataset: a Hub dataset id of the training data, for the card's metadata.
     """
-    out_dir = _new_or_empty(out_dir)
-    pipe = _load_pipeline(pipe_or_dir)
+    out_dir = new_or_empty_folder(out_dir)
+    pipe = load_pipeline(pipe_or_dir)
     if not isinstance(pipe_or_dir, DiffusionPipeline):
         training_dir = training_dir or pipe_or_dir
     if training_dir is not None:
@@ -821,8 +823,8 @@ def export_space(
     """Write the Space folder that serves the demo of the model repo ``model_id`` (where ``pipe_or_dir`` is,
     or will be, pushed) to ``out_dir``, new or empty: ``app.py``, ``requirements.txt`` (what ``app.py`` and
     the pipeline's bundled code import) and ``README.md`` (the Space's metadata)."""
-    out_dir = _new_or_empty(out_dir)
-    pipe = _load_pipeline(pipe_or_dir)
+    out_dir = new_or_empty_folder(out_dir)
+    pipe = load_pipeline(pipe_or_dir)
     app = space_app_source(model_id)
     bundled = {type(pipe).__module__} | {
         type(component).__module__ for component in pipe.components.values()

@@ -19,13 +19,7 @@ class DemoData:
 
         self.objects = NMRObjects(path, split="test", image_size=image_size, store=True)
         self.image_size = image_size
-        self._ids = None
-
-    @property
-    def object_ids(self) -> list[str]:
-        if self._ids is None:
-            self._ids = [f"{synset}/{name}" for synset, name in self.objects._objects]
-        return self._ids
+        self.object_ids = self.objects.object_ids
 
     def item(self, object_id: str) -> dict:
         return self.objects[self.object_ids.index(object_id)]

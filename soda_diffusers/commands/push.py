@@ -40,19 +40,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from soda_diffusers.hub import HubUploadError, export_for_hub, export_space, push_space, push_to_hub
+    from soda_diffusers.hub import (
+        HubUploadError,
+        export_for_hub,
+        export_space,
+        load_pipeline,
+        new_or_empty_folder,
+        push_space,
+        push_to_hub,
+    )
 
     if not Path(args.pipeline).is_dir():
         raise FileNotFoundError(f"--pipeline: no folder {args.pipeline}")
     if args.metrics and not Path(args.metrics).is_file():
         raise FileNotFoundError(f"--metrics: no file {args.metrics}")
-    export_kwargs = {"metrics": args.metrics, "samples": args.samples, "dataset": args.dataset}
+    if args.dry_run:
+        new_or_empty_folder(args.dry_run)  # before loading anything
+    # Loaded once for the model export and the Space's; the folder still supplies the card's training files.
+    pipe = load_pipeline(args.pipeline)
+    export_kwargs = {"metrics": args.metrics, "samples": args.samples, "dataset": args.dataset,
+                     "training_dir": args.pipeline}
     if args.dry_run:
         out = Path(args.dry_run)
         model_dir = out / "model" if args.space else out
-        folders = [(export_for_hub(args.pipeline, model_dir, repo_id=args.repo_id, **export_kwargs), args.repo_id)]
+        folders = [(export_for_hub(pipe, model_dir, repo_id=args.repo_id, **export_kwargs), args.repo_id)]
         if args.space:
-            folders.append((export_space(args.pipeline, out / "space", args.repo_id), f"the Space {args.space}"))
+            folders.append((export_space(pipe, out / "space", args.repo_id), f"the Space {args.space}"))
         for folder, target in folders:
             files = sorted(p for p in folder.rglob("*") if p.is_file())
             megabytes = sum(p.stat().st_size for p in files) / 1e6
@@ -63,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         commit = push_to_hub(
-            args.pipeline, args.repo_id, private=True if args.private else None, commit_message=args.commit_message,
+            pipe, args.repo_id, private=True if args.private else None, commit_message=args.commit_message,
             **export_kwargs,
         )
     except HubUploadError as error:
@@ -74,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         # The model repo's id as create_repo completed it (a bare name gets the user's namespace).
         model_id = getattr(getattr(commit, "repo_url", None), "repo_id", None) or args.repo_id
         try:
-            space_commit = push_space(args.pipeline, args.space, model_id, private=True if args.private else None,
+            space_commit = push_space(pipe, args.space, model_id, private=True if args.private else None,
                                       commit_message=args.commit_message)
         except HubUploadError as error:
             print(f"soda-nvs {args.command}: error: {error}", file=sys.stderr)

@@ -259,10 +259,11 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
         timesteps = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps.reshape(batch)
         temb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))
         temb = nn.functional.silu(temb)
+        z = z.to(sample.dtype)
         if self.training:
             z = self.drop_latents(z)
-        z_per_level = self.z_chunks(z.to(sample.dtype))
-        tokens = self.latent_tokens(z.to(sample.dtype))
+        z_per_level = self.z_chunks(z)
+        tokens = self.latent_tokens(z)
 
         h = torch.cat([sample, self.ray_embedding(target_rays.to(sample.dtype))], dim=1)
         h = self.conv_in(nn.functional.pixel_unshuffle(h, config.patch_size))
