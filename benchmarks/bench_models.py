@@ -2,9 +2,9 @@
 fraction of the device's dense matmul peak the training step reaches (counted with PyTorch's flop
 counter, against a large matmul timed on the same device in the same run: bf16 on a GPU, fp32 on CPU).
 
-    python benchmarks/bench_models.py [--presets soda-tiny soda-nmr-32] [--batch 32] [--threads N]
+    python benchmarks/bench_models.py [--presets soda-tiny soda-nmr-32] [--batch 32] [--threads N] [--unet JSON]
     python benchmarks/bench_models.py --device cuda --presets soda-nmr-64 --batch 128 --precision bf16 \\
-        --options none channels_last tf32 fused compile all
+        --options none channels_last tf32 fused compile all [--json bench.json]
 
 On a GPU each ``--options`` entry is one row (the speed flags of ``training/train_soda.py``: ``channels_last``,
 ``tf32``, ``fused`` AdamW, ``compile`` (torch.compile, its time reported apart), ``flash``/``math``
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import resource
 import time
 
@@ -62,7 +63,9 @@ def timed(fn, repeats: int, device: torch.device) -> float:
 
 
 def bench_preset(name: str, batch: int, steps: int, sample_batch: int, device: torch.device | str = "cpu",
-                 precision: str = "fp32", option: str = "none") -> dict:
+                 precision: str = "fp32", option: str = "none", **overrides) -> dict:
+    """One row: ``overrides`` change the preset's component configs, as ``train_soda.py``'s ``--encoder``
+    and ``--unet`` do (``unet={"layers_per_block": 1}``)."""
     device = torch.device(device)
     if option not in OPTIONS:
         raise ValueError(f"option: expected one of {OPTIONS}, got {option!r}")
@@ -70,7 +73,7 @@ def bench_preset(name: str, batch: int, steps: int, sample_batch: int, device: t
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = "tf32" in flags
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    pipe = SODANovelViewPipeline.from_preset(name).to(device)
+    pipe = SODANovelViewPipeline.from_preset(name, **overrides).to(device)
     pipe.set_progress_bar_config(disable=True)
     encoder, unet = pipe.encoder.train(), pipe.unet.train()
     memory_format = torch.channels_last if "channels_last" in flags else torch.contiguous_format
@@ -136,7 +139,20 @@ def bench_preset(name: str, batch: int, steps: int, sample_batch: int, device: t
     }
 
 
-def main() -> None:
+TABLE_HEADER = (
+    "| preset | option | params | train samples/s | step s | compile s | TFLOP/s | % of peak | DDIM-50 images/s | "
+    "peak memory |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+)
+
+
+def table_row(r: dict) -> str:
+    return (f"| {r['preset']} | {r['option']} | {r['params_M']:.1f}M | {r['train_samples_per_s']:.1f} | "
+            f"{r['train_step_s']:.3f} | {r['compile_s']:.0f} | {r['train_tflops_per_s']:.3f} | "
+            f"{r['percent_of_peak']:.1f}% | {r['ddim50_images_per_s']:.2f} | {r['peak_memory_gib']:.2f} GiB |")
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["soda-tiny", "soda-nmr-32"])
     parser.add_argument("--batch", type=int, default=32, help="training batch size")
@@ -147,7 +163,11 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="autocast precision (default: bf16 on a GPU, fp32 on CPU)")
     parser.add_argument("--options", nargs="+", default=["none"], choices=OPTIONS, help="speed options, a row each")
-    args = parser.parse_args()
+    for component in ("encoder", "unet"):
+        parser.add_argument(f"--{component}", type=json.loads, default={},
+                            help=f"JSON object of {component} config overrides, as train_soda.py takes them")
+    parser.add_argument("--json", help="also write the rows, the measured peak and the table to this JSON file")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -155,17 +175,31 @@ def main() -> None:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     peak = matmul_peak_tflops(device, dtype, 8192 if device.type == "cuda" else 1024)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {name}; dense {precision} matmul peak measured here: {peak:.2f} TFLOP/s")
-    print("| preset | option | params | train samples/s | step s | compile s | TFLOP/s | % of peak | "
-          "DDIM-50 images/s | peak memory |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [f"torch {torch.__version__}, {name}; dense {precision} matmul peak measured here: {peak:.2f} TFLOP/s",
+             *TABLE_HEADER]
+    print("\n".join(lines), flush=True)
+    result = {"torch": torch.__version__, "device": name, "precision": precision, "batch": args.batch,
+              "sample_batch": args.sample_batch, "matmul_peak_tflops": peak, "rows": [], "table": lines}
+
+    def write_json():  # after every row too: a run stopped early keeps the rows it measured
+        if args.json:
+            with open(args.json, "w") as file:
+                json.dump(result, file, indent=2)
+
+    write_json()
     for preset in args.presets:
         for option in args.options:
-            r = bench_preset(preset, args.batch, args.steps, args.sample_batch, device, precision, option)
-            print(f"| {r['preset']} | {r['option']} | {r['params_M']:.1f}M | {r['train_samples_per_s']:.1f} | "
-                  f"{r['train_step_s']:.3f} | {r['compile_s']:.0f} | {r['train_tflops_per_s']:.3f} | "
-                  f"{100 * r['train_tflops_per_s'] / peak:.1f}% | {r['ddim50_images_per_s']:.2f} | "
-                  f"{r['peak_memory_gib']:.2f} GiB |", flush=True)
+            try:
+                r = bench_preset(preset, args.batch, args.steps, args.sample_batch, device, precision, option,
+                                 encoder=args.encoder, unet=args.unet)
+                r["percent_of_peak"] = 100 * r["train_tflops_per_s"] / peak
+                lines.append(table_row(r))
+            except Exception as error:  # one option failing (a compiler error, say) leaves the other rows
+                r = {"preset": preset, "option": option, "error": f"{type(error).__name__}: {error}"}
+                lines.append(f"| {preset} | {option} | failed: {r['error'][:200]} |")
+            result["rows"].append(r)
+            print(lines[-1], flush=True)
+            write_json()
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def bench_run(config: str, steps: int, warmup: int, batch: int | None, data: str
 def count_objects(data: str | None) -> str:
     if not data:
         return "synthetic"
-    from soda_diffusers.data.storage import open_storage
+    from soda_diffusers.data import open_storage
 
     storage = open_storage(data)
     return str(sum(len(storage.object_ids(c, s)) for c in storage.categories() for s in ("train", "val", "test")))

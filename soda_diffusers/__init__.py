@@ -1,5 +1,13 @@
 """SODA bottleneck diffusion models for novel view synthesis, as Hugging Face Diffusers components."""
 
+import os
+
+# PyTorch's OpenMP threads spin while they wait for each other; when another process shares the cores, a
+# spinning thread holds a core its partner needs, and a CPU training step gets several times slower
+# (docs/results.md, "Sharing the cores"). Waiting passively costs little on an idle machine. It must be
+# set before torch is first imported; a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # DiffusionPipeline.from_pretrained looks the loading base classes up in the module named in
 # model_index.json ("soda_diffusers"): without these names here it cannot load our components.
 from diffusers import ConfigMixin, ModelMixin, SchedulerMixin  # noqa: F401

@@ -26,6 +26,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+# camera_rays, the one ray function, lives beside the models, whose exported file must stand alone. Imported
+# relatively, as the demo's modules are: a Space ships this module and that one as they are (hub.space).
+from .models.modeling_soda import camera_rays
+
 NMR_NUM_VIEWS = 24
 NMR_AZIMUTH_STEP_DEG = 15.0
 NMR_ELEVATION_DEG = 30.0
@@ -102,33 +106,6 @@ def view_matrices(cameras: Mapping, view: int) -> tuple[np.ndarray, np.ndarray]:
     else:
         camera_mat_inv = np.linalg.inv(_camera_matrix(cameras, f"camera_mat_{view}"))
     return world_mat, world_mat_inv @ camera_mat_inv
-
-
-def camera_rays(source_world_mats, unprojections, size: int) -> torch.Tensor:
-    """Rays ``(B, 6, size, size)`` of views given by ``unprojections`` ``(B, 4, 4)``
-    (``world_mat_inv @ camera_mat_inv``), each expressed in the frame that its ``source_world_mats``
-    ``(B, 4, 4)`` (world -> source camera) maps to. Tensors or arrays, on any device.
-
-    The one ray function of the package: training batches, evaluation, :func:`nmr_rays` and
-    :func:`orbit_rays` all come through here. It computes in float64 and returns float32, so the
-    same cameras give the same rays whichever path asks."""
-    source_world_mats = torch.as_tensor(source_world_mats).to(torch.float64)
-    unprojections = torch.as_tensor(unprojections).to(torch.float64)
-    if source_world_mats.shape[-2:] != (4, 4) or unprojections.shape[-2:] != (4, 4):
-        raise ValueError(
-            f"camera_rays: expected (B, 4, 4) matrices, got {tuple(source_world_mats.shape)} and "
-            f"{tuple(unprojections.shape)}"
-        )
-    coords = torch.linspace(-1.0, 1.0, size, dtype=torch.float64, device=unprojections.device)
-    y, x = torch.meshgrid(coords, coords, indexing="ij")
-    grid = torch.stack([x, y, torch.ones_like(x), torch.zeros_like(x)]).reshape(4, -1)
-    directions = source_world_mats[:, :3, :3] @ (unprojections @ grid)[:, :3]
-    directions = directions / directions.norm(dim=1, keepdim=True)
-    # The camera centre is the unprojection of the homogeneous point (0, 0, 0, 1).
-    centres = source_world_mats @ unprojections[:, :, 3:]
-    origins = centres[:, :3] / centres[:, 3:]
-    rays = torch.cat([origins.expand_as(directions), directions], dim=1)
-    return rays.reshape(-1, 6, size, size).float()
 
 
 def nmr_rays(cameras: Mapping, source_view: int, target_views: Sequence[int], size: int) -> torch.Tensor:

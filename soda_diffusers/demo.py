@@ -19,17 +19,18 @@ import PIL.Image
 import torch
 from diffusers.utils import export_to_gif
 
-from soda_diffusers.cameras import (
+# Relative: a Space ships this module and these as they are, in its own folder (soda_diffusers.hub.space).
+from .cameras import (
     NMR_AZIMUTH_STEP_DEG,
     NMR_ELEVATION_DEG,
     NMR_NUM_VIEWS,
     nmr_rays,
     orbit_rays,
 )
-from soda_diffusers.schedules import set_scheduler
+from .schedules import set_scheduler
 
 INSTALL_HINT = 'the demo needs Gradio: pip install -e ".[demo]"  (or: pip install "gradio>=4")'
-# Display names in the page -> soda_diffusers.evaluation.SCHEDULERS keys.
+# Display names in the page -> schedules.SCHEDULERS keys.
 SCHEDULER_CHOICES = {"DDIM": "ddim", "DPM-Solver": "dpmsolver", "Euler": "euler", "UniPC": "unipc"}
 # Uploads beyond these are refused before decoding: the model sees 32-64 px, and decoding a 50-megapixel
 # image would take seconds and hundreds of MB per request for nothing.

@@ -26,6 +26,7 @@ not change what is generated.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -39,10 +40,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from soda_diffusers.cameras import nmr_rays
 from soda_diffusers.data import NMRObjects, ViewStore
 from soda_diffusers.evaluation import (
     generate_views_per_seed,
-    object_target_rays,
     seeded_view,
     target_views,
     view_scores,
@@ -68,7 +69,8 @@ SSIM_WINDOW = "Gaussian 11x11, sigma 1.5, valid region"
 SSIM_PIXELNERF_WINDOW = "uniform 7x7, sample covariance, valid region (skimage's defaults, as in pixelNeRF)"
 FOREGROUND = "darkest channel at most 239 of 255 (metrics.FOREGROUND_THRESHOLD)"
 # Per target view, in the records and the summaries: those of view_scores (VIEW_METRICS) and LPIPS.
-NVS_METRICS = ("psnr", "ssim", "ssim_pixelnerf", "lpips", "fg_iou", "fg_color_error")
+NVS_METRICS = ("psnr", "ssim", "ssim_pixelnerf", "lpips", "fg_iou", "fg_color_error", "fg_brightness_error",
+               "fg_chroma_error")
 # Predictions of the same targets that a model must beat to be doing novel view synthesis at all:
 # the source view copied to every target (no 3D at all), the mean of all training views (the best
 # constant image in squared error), and the model given another test object's source view (the same
@@ -242,6 +244,67 @@ def training_mean_image(objects, progress: bool = True) -> torch.Tensor:
 GenerateFn = Callable[..., torch.Tensor]
 
 
+def target_inputs(obj: dict, source_view: int, views: Sequence[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """What the NVS protocol gives the pipeline for ``views`` of an object seen from ``source_view``: the
+    source image once per view, the views' rays in the source camera's frame, and their noise seeds."""
+    source = obj["images"][source_view].expand(len(views), -1, -1, -1)
+    rays = nmr_rays(obj["cameras"], source_view, views, obj["images"].shape[-1])
+    return source, rays, view_seeds(seed, obj["object_id"], views)
+
+
+class PairScorer:
+    """A fixed set of (source view, target view) pairs of a split, scored as :func:`run_nvs` scores them:
+    the objects of ``select_objects(objects, num_objects)``, their protocol source views, and
+    ``views_per_object`` of their targets spread around the orbit, with the same rays, noise seeds and
+    metrics. So the scores equal ``soda-nvs evaluate``'s on those views; training logs them as it goes.
+
+    ``scores(images)`` averages :func:`view_scores` over the pairs (the same views per object: per
+    object, then over objects, is the plain mean). ``pairs``: ``(object_id, source_view, target_view)`` of each."""
+
+    def __init__(self, objects, num_objects: int = 8, views_per_object: int = 4, seed: int = 0):
+        if views_per_object < 1:
+            raise ValueError(f"views_per_object: expected at least 1, got {views_per_object}")
+        sources, rays, seeds, targets, self.pairs = [], [], [], [], []
+        for index in select_objects(objects, num_objects):
+            obj = objects[index]
+            source_view = source_view_for(objects, index, seed)
+            views = target_views(source_view, obj["images"].shape[0])
+            views = [views[i * len(views) // views_per_object] for i in range(min(views_per_object, len(views)))]
+            source, ray, view_seed = target_inputs(obj, source_view, views, seed)
+            sources.append(source)
+            rays.append(ray)
+            seeds += view_seed
+            targets.append(obj["images"][views])
+            self.pairs += [(obj["object_id"], source_view, view) for view in views]
+        self.sources, self.rays, self.seeds = torch.cat(sources), torch.cat(rays), seeds
+        self.targets = torch.cat(targets)
+
+    @classmethod
+    def from_data(cls, data, split: str, image_size: int, num_objects: int = 8, views_per_object: int = 4,
+                  seed: int = 0, **objects_kwargs) -> PairScorer:
+        """Pairs of ``split`` of the NMR-format ``data``, read as ``soda-nvs evaluate`` reads it."""
+        objects = NMRObjects(data, split=split, image_size=image_size, store=True, view_list="stored",
+                             **objects_kwargs)
+        return cls(objects, num_objects, views_per_object, seed)
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def generate(self, pipe, num_inference_steps: int, generate: GenerateFn = generate_views_per_seed,
+                 **pipe_kwargs) -> torch.Tensor:
+        """The pipeline's views of every pair, ``(N, 3, S, S)`` in [-1, 1]."""
+        return generate(pipe, self.sources, self.rays, self.seeds, num_inference_steps=num_inference_steps,
+                        **pipe_kwargs)
+
+    def scores(self, images: torch.Tensor) -> dict[str, float]:
+        return {name: math.fsum(values) / len(values) for name, values in view_scores(images, self.targets).items()}
+
+    @functools.cached_property
+    def copy_source_scores(self) -> dict[str, float]:
+        """The scores of copying the source view to each target: the baseline a model must beat."""
+        return self.scores(self.sources)
+
+
 @torch.no_grad()
 def run_nvs(
     pipe,
@@ -331,9 +394,10 @@ def run_nvs(
                 source_view = source_views[index]
                 views = target_views(source_view, obj["images"].shape[0])
                 views_of.append(views)
-                sources.append(obj["images"][source_view].expand(len(views), -1, -1, -1))
-                rays.append(object_target_rays(obj, source_view, size))
-                seeds += view_seeds(seed, obj["object_id"], views)
+                source, ray, view_seed = target_inputs(obj, source_view, views, seed)
+                sources.append(source)
+                rays.append(ray)
+                seeds += view_seed
             sizes = [len(views) for views in views_of]
             generated = generate(pipe, torch.cat(sources), torch.cat(rays), seeds, **sampling).split(sizes)
 
@@ -639,6 +703,8 @@ NVS_COLUMNS = (
     ("lpips", "LPIPS", 3),
     ("fg_iou", "FG IoU", 3),
     ("fg_color_error", "FG colour error", 1),
+    ("fg_brightness_error", "its brightness part", 1),
+    ("fg_chroma_error", "its chroma part", 1),
 )
 
 

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 import torch
 
 from soda_diffusers.cameras import NMR_NUM_VIEWS, nmr_rays
-from soda_diffusers.metrics import foreground_color_error, foreground_iou, psnr, ssim, ssim_pixelnerf
+from soda_diffusers.metrics import (
+    foreground_color_error,
+    foreground_color_error_parts,
+    foreground_iou,
+    psnr,
+    ssim,
+    ssim_pixelnerf,
+)
 
 
 def target_views(source_view: int, num_views: int = NMR_NUM_VIEWS) -> list[int]:
@@ -42,7 +49,7 @@ def generate_views(
 
 
 # What :func:`view_scores` returns, in this order (see :mod:`soda_diffusers.metrics` for each definition).
-VIEW_METRICS = ("psnr", "ssim", "ssim_pixelnerf", "fg_iou", "fg_color_error")
+VIEW_METRICS = ("psnr", "ssim", "ssim_pixelnerf", "fg_iou", "fg_color_error", "fg_brightness_error", "fg_chroma_error")
 
 
 def view_scores(generated: torch.Tensor, targets: torch.Tensor) -> dict[str, list[float]]:
@@ -52,14 +59,19 @@ def view_scores(generated: torch.Tensor, targets: torch.Tensor) -> dict[str, lis
     ``psnr``, ``ssim`` (Gaussian window) and ``ssim_pixelnerf`` (pixelNeRF's uniform window) on the
     images mapped to [0, 1]; ``fg_iou``, the IoU of the object silhouettes on the white background, and
     ``fg_color_error``, the distance in 0-255 RGB between the mean object colours: what a person sees
-    first (is the shape there, is it the right colour), which PSNR and SSIM can rate below a grey blur."""
+    first (is the shape there, is it the right colour), which PSNR and SSIM can rate below a grey blur;
+    and that colour error's ``fg_brightness_error`` and ``fg_chroma_error`` parts (too light or dark, or
+    the wrong hue), which a model that misses the shading of the new view tells apart."""
     generated, targets = (generated.float().clamp(-1, 1) + 1) / 2, (targets.float().clamp(-1, 1) + 1) / 2
+    brightness, chroma = foreground_color_error_parts(generated, targets)
     return {
         "psnr": psnr(generated, targets).tolist(),
         "ssim": ssim(generated, targets).tolist(),
         "ssim_pixelnerf": ssim_pixelnerf(generated, targets).tolist(),
         "fg_iou": foreground_iou(generated, targets).tolist(),
         "fg_color_error": foreground_color_error(generated, targets).tolist(),
+        "fg_brightness_error": brightness.tolist(),
+        "fg_chroma_error": chroma.tolist(),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 from pathlib import Path
@@ -14,6 +15,12 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def _package_hub():
+    """``soda_diffusers.hub``, for the methods that need the installed package. Imported by name: exported
+    pipelines ship this file as it is, and Diffusers reads every import line of it as a requirement."""
+    return importlib.import_module("soda_diffusers.hub")
 
 
 class SODANovelViewPipeline(DiffusionPipeline):
@@ -48,7 +55,8 @@ class SODANovelViewPipeline(DiffusionPipeline):
         if not (path / "model_index.json").is_file():
             path = PRESETS_DIR / str(name_or_path)
         if not (path / "model_index.json").is_file():
-            available = sorted(p.name for p in PRESETS_DIR.iterdir() if (p / "model_index.json").is_file())
+            presets = PRESETS_DIR.iterdir() if PRESETS_DIR.is_dir() else []  # none beside an exported copy
+            available = sorted(p.name for p in presets if (p / "model_index.json").is_file())
             raise ValueError(f"preset: expected one of {available} or a preset directory, got {str(name_or_path)!r}")
         index = json.loads((path / "model_index.json").read_text())
         components = {}
@@ -292,9 +300,7 @@ class SODANovelViewPipeline(DiffusionPipeline):
         """Diffusers' ``from_pretrained``. Folders and repos written by :func:`soda_diffusers.hub.export_for_hub`
         bundle source files so they load without this package; here they load with this package's own classes
         and none of the bundled code runs."""
-        from soda_diffusers.hub import package_layout
-
-        with package_layout(pretrained_model_name_or_path, **kwargs) as path:
+        with _package_hub().package_layout(pretrained_model_name_or_path, **kwargs) as path:
             return super().from_pretrained(path, **kwargs)
 
     def push_to_hub(
@@ -317,9 +323,7 @@ class SODANovelViewPipeline(DiffusionPipeline):
         Raises ``soda_diffusers.hub.HubUploadError`` when the Hub cannot be reached or refuses (no token:
         ``hf auth login`` or ``HF_TOKEN``); the exported folder is then kept and its path given.
         """
-        from soda_diffusers.hub import push_to_hub
-
-        return push_to_hub(
+        return _package_hub().push_to_hub(
             self, repo_id, commit_message=commit_message, private=private, token=token, create_pr=create_pr,
             training_dir=training_dir, metrics=metrics, samples=samples, dataset=dataset,
         )

@@ -1,8 +1,8 @@
-"""Pictures of results: image grids (PNG) and orbits (GIF)."""
+"""Pictures of results: image grids (PNG), orbits (GIF), curves and bar charts (PNG)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,21 +41,23 @@ def save_gif(images, path: str | Path, scale: int = 4, duration_ms: int = 120) -
     return path
 
 
-def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, title: str = "",
-                size: tuple[int, int] = (640, 400), log_y: bool = True) -> Path:
-    """Line plot of named ``(x, y)`` curves as a PNG, drawn with PIL alone (no plotting library)."""
+def draw_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], title: str = "",
+                size: tuple[int, int] = (640, 400), log_y: bool = True,
+                x_label: Callable[[float], str] = "{:.0f}".format) -> PIL.Image.Image:
+    """Line plot of named ``(x, y)`` curves, drawn with PIL alone (no plotting library). ``x_label``
+    writes the value at each x tick (it may return two lines, e.g. minutes over steps)."""
     from PIL import ImageDraw
 
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
     width, height = size
-    left, right, top, bottom = 70, 20, 30, 40
+    left, right, top, bottom = 70, 20, 30, 48
     image = PIL.Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     transform = (lambda v: np.log10(max(v, 1e-12))) if log_y else (lambda v: v)
     xs = [x for xs_, _ in curves.values() for x in xs_]
     ys = [transform(y) for _, ys_ in curves.values() for y in ys_]
     if not xs:
-        raise ValueError("plot_curves: nothing to plot")
+        raise ValueError("draw_curves: nothing to plot")
     x_min, x_max = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y_min, y_max = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
 
@@ -71,7 +73,9 @@ def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path
         py = top + (1 - fraction) * (height - top - bottom)
         draw.text((5, py - 6), label, fill="black")
         x_value = x_min + fraction * (x_max - x_min)
-        draw.text((left + fraction * (width - left - right) - 10, height - bottom + 8), f"{x_value:.0f}", fill="black")
+        label = x_label(x_value)
+        label_width = max(draw.textlength(line) for line in label.split("\n"))
+        draw.text((left + fraction * (width - left - right - label_width), height - bottom + 6), label, fill="black")
     draw.text((left, 8), title, fill="black")
     for i, (name, (x_values, y_values)) in enumerate(curves.items()):
         colour = colours[i % len(colours)]
@@ -81,8 +85,56 @@ def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path
         for px, py in points if len(points) < 30 else []:
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
         draw.text((width - right - 150, top + 8 + 14 * i), name, fill=colour)
+    return image
+
+
+def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, title: str = "",
+                size: tuple[int, int] = (640, 400), log_y: bool = True) -> Path:
+    """:func:`draw_curves`, saved as a PNG."""
     path = Path(path)
-    image.save(path)
+    draw_curves(curves, title, size, log_y).save(path)
+    return path
+
+
+# The panels of a learning curve: (metric key of the training log, title).
+LEARNING_CURVE_METRICS = (
+    ("psnr", "PSNR (dB), higher is better"),
+    ("ssim", "SSIM, higher is better"),
+    ("fg_iou", "FG IoU, higher is better"),
+    ("fg_color_error", "FG colour error (0-255), lower is better"),
+    ("fg_brightness_error", "its brightness part, lower is better"),
+    ("fg_chroma_error", "its chroma part, lower is better"),
+)
+
+
+def plot_learning_curve(log: Sequence[dict], path: str | Path, columns: int = 2) -> Path:
+    """The quality logged during training (``train_log.jsonl`` rows with ``val_<metric>`` for the samples,
+    ``val_one_step_<metric>`` for the one-step estimate and ``val_copy_source_<metric>`` for the baseline)
+    as one PNG: a panel per metric of :data:`LEARNING_CURVE_METRICS` against minutes of training (steps
+    beneath)."""
+    rows = [row for row in log if "val_psnr" in row]
+    if not rows:
+        raise ValueError("plot_learning_curve: no validation rows (val_psnr) in the log")
+    minutes = [row["elapsed_s"] / 60 for row in rows]
+    steps = [row["step"] for row in rows]
+
+    def x_label(value: float) -> str:
+        return f"{value:.1f} min\n{round(np.interp(value, minutes, steps))} steps"
+
+    panels = []
+    for key, title in LEARNING_CURVE_METRICS:
+        curves = {"samples": (minutes, [row[f"val_{key}"] for row in rows])}
+        if f"val_one_step_{key}" in rows[0]:
+            curves["one-step estimate"] = (minutes, [row[f"val_one_step_{key}"] for row in rows])
+        if f"val_copy_source_{key}" in rows[0]:
+            curves["copy the source"] = ([minutes[0], minutes[-1]], [rows[0][f"val_copy_source_{key}"]] * 2)
+        panels.append(draw_curves(curves, title, size=(480, 300), log_y=False, x_label=x_label))
+    width, height = panels[0].size
+    sheet = PIL.Image.new("RGB", (width * columns, height * -(-len(panels) // columns)), "white")
+    for i, panel in enumerate(panels):
+        sheet.paste(panel, ((i % columns) * width, (i // columns) * height))
+    path = Path(path)
+    sheet.save(path)
     return path
 
 

@@ -25,6 +25,7 @@ from conftest import BLOCK_PACKAGE, make_tiny_pipeline
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import LocalTokenNotFoundError, OfflineModeIsEnabled
 
+import soda_diffusers
 from soda_diffusers import SODANovelViewPipeline, orbit_rays
 from soda_diffusers.cli import main
 from soda_diffusers.hub import (
@@ -33,17 +34,17 @@ from soda_diffusers.hub import (
     export_for_hub,
     preset_name,
     render_dataset_card,
-    standalone_source,
 )
 from soda_diffusers.visualize import save_gif
 
 REPO_ID = "soda-test/tiny"
+REPO_ID_NO_CODE = "soda-test/tiny-weights"  # the same repo, as far as the package's loading downloads it
 SIZE = 16
 EXPORTED_FILES = {
     "README.md", "model_index.json", "pipeline_soda_novel_view.py", "metrics.json", "train_summary.json",
     "train_config.json", "samples/orbit.gif", "samples/step-000300.png",
-    "encoder/config.json", "encoder/diffusion_pytorch_model.safetensors", "encoder/soda_encoder.py",
-    "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/soda_unet_2d.py",
+    "encoder/config.json", "encoder/diffusion_pytorch_model.safetensors", "encoder/modeling_soda.py",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/modeling_soda.py",
     "scheduler/scheduler_config.json",
 }
 HUB_ROOT_FILES = {"model_index.json", "pipeline_soda_novel_view.py"}
@@ -124,10 +125,10 @@ def work_dir(exported, tmp_path: Path) -> Path:
     return tmp_path
 
 
-def cache_as_hub_repo(folder: Path, hf_home: Path, repo_id: str) -> None:
+def cache_as_hub_repo(folder: Path, hf_home: Path, repo_id: str, code: bool = True) -> None:
     """Put ``folder`` into a Hugging Face cache as the main revision of the model repo ``repo_id``,
     with only the files DiffusionPipeline.download fetches (its allow_patterns: weights, configs,
-    the pipeline module and ``<component>/<module>.py``)."""
+    the pipeline module and ``<component>/<module>.py``); without ``code``, with none of its code."""
     repo_dir = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
     commit = "0123456789abcdef0123456789abcdef01234567"
     (repo_dir / "refs").mkdir(parents=True)
@@ -135,6 +136,8 @@ def cache_as_hub_repo(folder: Path, hf_home: Path, repo_id: str) -> None:
     snapshot = repo_dir / "snapshots" / commit
     component_files = {name for name in EXPORTED_FILES if name.endswith((".json", ".safetensors", ".py")) and "/" in name}
     for name in component_files | HUB_ROOT_FILES:
+        if not code and name.endswith(".py"):
+            continue
         (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(folder / name, snapshot / name)
 
@@ -179,6 +182,7 @@ def exported(tmp_path_factory):
     assert main(["push", "--pipeline", str(run_dir), "--repo-id", REPO_ID, "--dry-run", str(out)]) == 0
     hf_home = root / "hf-home"
     cache_as_hub_repo(out, hf_home, REPO_ID)
+    cache_as_hub_repo(out, hf_home, REPO_ID_NO_CODE, code=False)
     return SimpleNamespace(out=out, run_dir=run_dir, work=work, hf_home=hf_home, pipe=pipe)
 
 
@@ -187,27 +191,38 @@ def test_dry_run_writes_exactly_the_upload_folder(exported):
     assert files == EXPORTED_FILES  # the older validation grid (step 150) is left out
     index = json.loads((exported.out / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_soda_novel_view", "SODANovelViewPipeline"]
-    assert index["encoder"] == ["soda_encoder", "SODAEncoder"]
-    assert index["unet"] == ["soda_unet_2d", "SODAUNet2DModel"]
+    assert index["encoder"] == ["modeling_soda", "SODAEncoder"]
+    assert index["unet"] == ["modeling_soda", "SODAUNet2DModel"]
     assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
     assert json.loads((exported.out / "metrics.json").read_text()) == METRICS
 
 
 def test_bundled_sources_stand_alone(exported):
-    for name in ("pipeline_soda_novel_view.py", "encoder/soda_encoder.py", "unet/soda_unet_2d.py"):
+    for name in ("pipeline_soda_novel_view.py", "encoder/modeling_soda.py", "unet/modeling_soda.py"):
         source = (exported.out / name).read_text()
         # Diffusers' own import scan (check_imports) reads every line that looks like an import.
         imported = re.findall(r"^\s*(?:from\s+(\S+)\s+import|import\s+(\S+)\s*$)", source, flags=re.MULTILINE)
         top_level = {(a or b).split(".")[0] for a, b in imported}
         assert "soda_diffusers" not in top_level, name
         assert not any((a or b).startswith(".") for a, b in imported), f"{name}: relative import"
-        assert top_level <= {"__future__", "collections", "inspect", "json", "math", "pathlib", "numpy", "PIL", "torch", "diffusers"}
-    pipeline_source = (exported.out / "pipeline_soda_novel_view.py").read_text()
-    assert "def from_preset" not in pipeline_source and "def push_to_hub" not in pipeline_source
-    assert "def __call__" in pipeline_source
-    encoder_source = (exported.out / "encoder" / "soda_encoder.py").read_text()
-    assert "def orbit_rays" in encoder_source and "class RayEncoding" in encoder_source
-    assert standalone_source("soda_diffusers.models.soda_encoder") == encoder_source
+        assert top_level <= {"__future__", "collections", "importlib", "inspect", "json", "math", "pathlib", "numpy",
+                             "PIL", "torch", "diffusers"}
+    encoder_source = (exported.out / "encoder" / "modeling_soda.py").read_text()
+    assert "def camera_rays" in encoder_source and "class RayEncoding" in encoder_source
+
+
+# From a Hub repo, DiffusionPipeline.download fetches only <component>/<module>.py of a component's code: both
+# models and their helpers share one module, so each component's file is that module, as it is.
+@pytest.mark.parametrize("exported_file, package_file", [
+    ("pipeline_soda_novel_view.py", "pipeline_soda_novel_view.py"),
+    ("encoder/modeling_soda.py", "models/modeling_soda.py"),
+    ("unet/modeling_soda.py", "models/modeling_soda.py"),
+])
+def test_exported_sources_are_the_package_files(exported, exported_file, package_file):
+    shipped = {p.relative_to(exported.out).as_posix() for p in exported.out.rglob("*.py")}
+    assert shipped == {"pipeline_soda_novel_view.py", "encoder/modeling_soda.py", "unet/modeling_soda.py"}
+    package_dir = Path(soda_diffusers.__file__).parent
+    assert (exported.out / exported_file).read_bytes() == (package_dir / package_file).read_bytes()
 
 
 def test_loads_with_the_package_in_a_fresh_process(exported, tmp_path):
@@ -230,6 +245,30 @@ def test_loads_with_the_package_in_a_fresh_process(exported, tmp_path):
     np.testing.assert_array_equal(
         np.load(tmp_path / "package_snippet_rays.npy"), orbit_rays([15.0 * i for i in range(24)], size=SIZE).numpy()
     )
+
+
+def test_loads_with_the_package_from_a_download_without_the_code(exported):
+    # package_layout downloads no .py file: it knows the bundled modules by their names.
+    pipe = SODANovelViewPipeline.from_pretrained(REPO_ID_NO_CODE, cache_dir=exported.hf_home / "hub", local_files_only=True)
+    for name in ("encoder", "unet"):
+        model, expected = getattr(pipe, name), getattr(exported.pipe, name)
+        assert type(model) is type(expected)
+        for key, tensor in expected.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[key], tensor, atol=0, rtol=0)
+
+
+def test_an_export_from_when_each_model_had_its_module_loads_with_the_package(exported, tmp_path):
+    older = tmp_path / "older"
+    shutil.copytree(exported.out, older)
+    index = json.loads((older / "model_index.json").read_text())
+    for name, module in (("encoder", "soda_encoder"), ("unet", "soda_unet_2d")):
+        (older / name / "modeling_soda.py").rename(older / name / f"{module}.py")
+        index[name] = [module, index[name][1]]
+    (older / "model_index.json").write_text(json.dumps(index))
+    pipe = SODANovelViewPipeline.from_pretrained(older)
+    assert type(pipe.encoder) is type(exported.pipe.encoder) and type(pipe.unet) is type(exported.pipe.unet)
+    pipe.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(generate(pipe, exported.work), np.load(exported.work / "expected.npy"))
 
 
 def test_loads_without_the_package_in_a_fresh_process(exported, tmp_path):
@@ -419,15 +458,21 @@ def test_space_dry_run_writes_the_model_and_the_space_folders(space_export, expo
     model_files = {p.relative_to(space_export / "model").as_posix() for p in (space_export / "model").rglob("*") if p.is_file()}
     assert model_files == EXPORTED_FILES
     assert {p.name for p in (space_export / "space").iterdir()} == set(SPACE_FILES)
-    app = (space_export / "space" / "app.py").read_text()
+    space = space_export / "space"
+    # The demo's modules, and the models' module its cameras import, go as they are; app.py only names the model repo.
+    shipped = sorted(p.relative_to(space / "soda_demo").as_posix() for p in (space / "soda_demo").rglob("*") if p.is_file())
+    assert shipped == ["cameras.py", "demo.py", "models/modeling_soda.py", "schedules.py", "space_app.py"]
+    for name in shipped:
+        assert (space / "soda_demo" / name).read_bytes() == (Path(soda_diffusers.__file__).parent / name).read_bytes()
     top_level = set()
-    for node in ast.walk(ast.parse(app)):
-        if isinstance(node, ast.Import):
-            top_level |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            assert not node.level, ast.unparse(node)
-            top_level.add(node.module.split(".")[0])
-    assert top_level - {*sys.stdlib_module_names, "__future__"} == {"numpy", "torch", "diffusers", "PIL", "gradio"}
+    for path in space.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                top_level |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                top_level.add(node.module.split(".")[0])
+    assert top_level - {*sys.stdlib_module_names, "__future__"} == {"numpy", "torch", "diffusers", "PIL", "gradio", "soda_demo"}
+    app = (space / "app.py").read_text()
     assert re.search(rf"^MODEL_ID = {REPO_ID!r}$", app, flags=re.MULTILINE)
     # What app.py and the model's bundled code import, with the bounds setup.cfg gives them.
     requirements = (space_export / "space" / "requirements.txt").read_text().split()
@@ -447,8 +492,8 @@ def test_space_card_metadata(space_export):
 
 
 def test_space_app_generates_what_the_package_does_without_the_package(space_export, exported, tmp_path):
-    """The Space's app.py, imported in a process that cannot import soda_diffusers, on the pipeline loaded
-    from the model folder with its bundled code: its generate_view gives the package's images."""
+    """The Space's app.py, run in a process that cannot import soda_diffusers, on the pipeline loaded from
+    the model folder with its bundled code: the demo's generate_view it serves gives the package's images."""
     from soda_diffusers.demo import Settings, generate_view
 
     source = PIL.Image.open(exported.work / "source.png")
@@ -462,10 +507,12 @@ def test_space_app_generates_what_the_package_does_without_the_package(space_exp
         from diffusers import DiffusionPipeline
 
         app = runpy.run_path({str(space_export / "space" / "app.py")!r})  # not __main__: nothing is served
+        from soda_demo.demo import Settings, generate_view  # importable as app.py made it
+
+        assert app["main"].__module__ == "soda_demo.space_app"
         pipe = DiffusionPipeline.from_pretrained({str(space_export / "model")!r}, trust_remote_code=True)
         pipe.set_progress_bar_config(disable=True)
-        view = app["generate_view"](pipe, PIL.Image.open("source.png"), 120.0, 20.0,
-                                    app["Settings"]("DPM-Solver", steps=4, seed=3))
+        view = generate_view(pipe, PIL.Image.open("source.png"), 120.0, 20.0, Settings("DPM-Solver", steps=4, seed=3))
         np.testing.assert_array_equal(np.asarray(view), np.load("expected_view.npy"))
         assert not [m for m in sys.modules if m.startswith("soda_diffusers")]
     """)
@@ -493,7 +540,9 @@ def test_push_with_space_uploads_the_model_then_the_space(temp_root, exported, m
     (_, model_repo, model_kwargs), model_upload, (_, space_repo, space_kwargs), space_upload = calls
     assert model_repo == "tiny" and "repo_type" not in model_kwargs and model_upload[3] == EXPORTED_FILES
     assert space_repo == "tiny-demo" and space_kwargs["repo_type"] == "space" and space_kwargs["space_sdk"] == "gradio"
-    assert space_upload[1:4] == ("someone/tiny-demo", "space", set(SPACE_FILES))
+    space_files = {"app.py", "README.md", "requirements.txt", *(f"soda_demo/{name}.py" for name in
+                                                              ("cameras", "demo", "models/modeling_soda", "schedules", "space_app"))}
+    assert space_upload[1:4] == ("someone/tiny-demo", "space", space_files)
     # The Space serves the model repo under the name create_repo completed.
     assert "MODEL_ID = 'someone/tiny'" in space_upload[4]
     assert "uploaded the Space: https://huggingface.co/someone/tiny-demo/commit/0123" in capsys.readouterr().out

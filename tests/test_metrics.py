@@ -21,6 +21,7 @@ from soda_diffusers.metrics import (
     fid,
     fid_metric,
     foreground_color_error,
+    foreground_color_error_parts,
     foreground_iou,
     foreground_mask,
     psnr,
@@ -448,3 +449,15 @@ def test_aggregate_missing_lpips_and_bad_records():
         aggregate(records() + records()[:1])
     with pytest.raises(ValueError, match="ssim"):
         aggregate([dict(records()[0], ssim=[0.5])])
+
+
+def test_colour_error_splits_into_brightness_and_chroma():
+    target = canvas(8, 8, square=(slice(2, 6), slice(2, 6), (100, 100, 100))).expand(3, -1, -1, -1)
+    darker = canvas(8, 8, square=(slice(2, 6), slice(2, 6), (40, 40, 40)))  # the same grey, less light
+    tinted = canvas(8, 8, square=(slice(2, 6), slice(2, 6), (130, 100, 70)))  # the same brightness, warmer
+    both = canvas(8, 8, square=(slice(2, 6), slice(2, 6), (90, 60, 30)))
+    generated = torch.cat([darker, tinted, both])
+    brightness, chroma = foreground_color_error_parts(generated, target)
+    torch.testing.assert_close(brightness, torch.tensor([60 * math.sqrt(3), 0.0, 40 * math.sqrt(3)]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(chroma, torch.tensor([0.0, 30 * math.sqrt(2), 30 * math.sqrt(2)]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(brightness.hypot(chroma), foreground_color_error(generated, target), atol=1e-3, rtol=0)

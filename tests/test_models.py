@@ -20,6 +20,8 @@ def tiny_inputs(batch=2, size=16):
         (SODAEncoder, TINY_ENCODER),
         (SODAEncoder, dict(TINY_ENCODER, pooling="flatten", latent_norm="batch")),
         (SODAEncoder, dict(TINY_ENCODER, pooling="flatten", patch_size=2, background_value=1.0, thumbnail_size=4)),
+        (SODAEncoder, dict(TINY_ENCODER, backbone="resnet", resnet_layer_type="basic", resnet_depths=(1, 1),
+                           resnet_hidden_sizes=(8, 16), resnet_embedding_size=8, pooling="flatten")),
         (SODAUNet2DModel, TINY_UNET),
         (SODAUNet2DModel, dict(TINY_UNET, cross_attention_resolutions=(16, 4), latent_tokens=3)),
     ],

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -12,7 +14,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from soda_diffusers import SODANovelViewPipeline, orbit_rays
+from soda_diffusers import SODAEncoder, SODANovelViewPipeline, SODAUNet2DModel, orbit_rays
 
 SIZE = 16
 
@@ -119,6 +121,16 @@ def test_save_pretrained_round_trip_reproduces_outputs(tiny_pipeline, tmp_path):
     loaded = SODANovelViewPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     torch.testing.assert_close(run(loaded, source_tensor(), rays), expected, atol=0, rtol=0)
+
+
+def test_a_folder_saved_when_each_model_had_its_module_still_loads(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["encoder"] == ["soda_diffusers.models.modeling_soda", "SODAEncoder"]
+    index["encoder"][0], index["unet"][0] = "soda_diffusers.models.soda_encoder", "soda_diffusers.models.soda_unet_2d"
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    loaded = SODANovelViewPipeline.from_pretrained(tmp_path)
+    assert type(loaded.encoder) is SODAEncoder and type(loaded.unet) is SODAUNet2DModel
 
 
 def test_source_image_formats_are_equivalent(tiny_pipeline):

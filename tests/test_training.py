@@ -60,7 +60,7 @@ def free_port() -> int:
 
 
 def losses(output_dir):
-    return [json.loads(line)["loss"] for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in log_rows(output_dir)]
 
 
 def test_a_killed_run_resumes_exactly(synthetic, tmp_path):
@@ -158,6 +158,92 @@ def test_schedule_flags_reach_the_saved_pipeline(synthetic, tmp_path):
     assert config.prediction_type == "epsilon" and schedule_name(config) == "inverted_cosine"
     with pytest.raises(ValueError, match="schedule: expected one of"):
         train.main(train_flags(synthetic, tmp_path / "bad", noise_schedule="sigmoid"))
+
+
+def log_rows(output_dir):
+    return [json.loads(line) for line in (output_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def slowed(train, seconds_per_step: float, signal_at_call: int | None = None):
+    """Make every training step of ``train`` take at least ``seconds_per_step`` longer; with
+    ``signal_at_call``, send this process a SIGTERM during that call (as a kill would)."""
+    original, calls = train.diffusion_loss, []
+
+    def slow_loss(*args, **kwargs):
+        calls.append(1)
+        if torch.is_grad_enabled():  # training steps, not the validation loss
+            time.sleep(seconds_per_step)
+        if len(calls) == signal_at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    train.diffusion_loss = slow_loss
+
+
+def test_a_time_budgeted_run_anneals_its_learning_rate_however_slow_the_steps(synthetic, tmp_path):
+    # A cap of 1,000 steps that the clock reaches long before: the schedule still ends at its final value.
+    train = load_script()
+    slowed(train, 0.25)
+    flags = train_flags(synthetic, tmp_path, steps=1000, max_train_minutes=0.08, validation_steps=1000,
+                        checkpointing_steps=1000, lr_warmup_steps=20)
+    assert train.main(flags) == 0
+    log = log_rows(tmp_path)
+    assert 5 <= len(log) < 100 and log[-1]["elapsed_s"] >= 0.08 * 60
+    lrs = [row["lr"] for row in log]
+    assert lrs[-1] == 0.0 and max(lrs) > 1e-3  # warmed up (20 of 1,000 steps: 2% of the time), then annealed
+    peak = lrs.index(max(lrs))
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["train_steps"] == len(log)
+
+
+def test_a_resumed_time_budgeted_run_continues_at_its_saved_fraction(synthetic, tmp_path):
+    train = load_script()
+    slowed(train, 0.2, signal_at_call=6)
+    flags = train_flags(synthetic, tmp_path, steps=1000, max_train_minutes=0.1, validation_steps=1000,
+                        checkpointing_steps=1000)
+    assert train.main(flags) == 130
+    saved = json.loads((tmp_path / "checkpoint-6" / "step.json").read_text())
+    assert saved["step"] == 6 and 6 * 0.2 <= saved["train_seconds"] < 0.1 * 60
+    before = log_rows(tmp_path)
+
+    train = load_script()
+    slowed(train, 0.2)
+    assert train.main(train_flags(synthetic, tmp_path, steps=1000, max_train_minutes=0.1, validation_steps=1000,
+                                  checkpointing_steps=1000, resume_from_checkpoint="latest")) == 0
+    after = log_rows(tmp_path)[len(before):]
+    assert after[0]["step"] == 7 and after[0]["elapsed_s"] > saved["train_seconds"]
+    assert after[0]["lr"] < before[-1]["lr"]  # the decay goes on where it was, no new warm-up
+    assert after[-1]["lr"] == 0.0 and 0.1 * 60 <= after[-1]["elapsed_s"] < 0.1 * 60 + 5
+
+
+def test_the_logged_quality_equals_evaluate_on_the_same_pairs_and_the_curve_is_drawn(synthetic, tmp_path):
+    from soda_diffusers.evaluate_nvs import PairScorer, evaluate
+
+    train = load_script()
+    assert train.main(train_flags(synthetic, tmp_path / "run", steps=3, validation_objects=2,
+                                  validation_views=3, validation_inference_steps=2)) == 0
+    last = log_rows(tmp_path / "run")[-1]
+    assert (tmp_path / "run" / "learning_curve.png").is_file()
+    assert (tmp_path / "run" / "samples" / "step-000003.png").is_file()
+
+    pipe = SODANovelViewPipeline.from_pretrained(tmp_path / "run")
+    nvs = evaluate(pipe, synthetic, tmp_path / "evaluate", split="val", limit=2, num_inference_steps=2,
+                   baselines=("copy_source",), progress=False)["nvs"]
+    records = {json.loads(line)["object_id"]: json.loads(line)
+               for line in (tmp_path / "evaluate" / "nvs_objects.jsonl").read_text().splitlines()}
+    pairs = PairScorer.from_data(synthetic, "val", 32, 2, 3).pairs
+    assert len(pairs) == 6 and len({object_id for object_id, _, _ in pairs}) == 2
+    for metric in ("psnr", "ssim", "fg_iou", "fg_color_error", "fg_brightness_error", "fg_chroma_error"):
+        for prefix, scores_of in (("val", lambda r: r), ("val_copy_source", lambda r: r["baselines"]["copy_source"])):
+            values = []
+            for object_id, source_view, view in pairs:
+                record = records[object_id]
+                assert record["source_view"] == source_view
+                values.append(scores_of(record)[metric][record["target_views"].index(view)])
+            assert last[f"{prefix}_{metric}"] == pytest.approx(sum(values) / len(values), rel=1e-5, abs=1e-5), (prefix, metric)
+    assert {"val_one_step_psnr", "validation_s", "val_loss"} <= set(last)
+    assert nvs["baselines"]["copy_source"]["fg_brightness_error"] >= 0
 
 
 def test_timestep_bias_weights_and_draws():

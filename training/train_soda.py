@@ -15,8 +15,14 @@ the step number (with ``--streaming``, the stream's position is saved in the che
 
 The data is read from a memory-mapped store of the split (:class:`~soda_diffusers.data.ViewStore`),
 built once on first use by the main process; every process and DataLoader worker then maps the same
-files. A stop (Ctrl-C or SIGTERM on any process, ``--max_train_minutes``, a NaN loss) is decided by all
+files. A stop (Ctrl-C or SIGTERM on any process, the end of the budget, a NaN loss) is decided by all
 processes together at the end of a step, so they save the same checkpoint and leave together.
+
+A run's budget is ``--max_train_steps``, or with ``--max_train_minutes`` the clock: then the learning-rate
+schedule, its warm-up and the EMA warm-up run on the fraction of the minutes used (:class:`TrainingClock`),
+so the run ends annealed however many steps the machine gives. Every ``--validation_steps`` the run scores
+fixed val pairs with ``soda-nvs evaluate``'s metrics (:class:`~soda_diffusers.evaluate_nvs.PairScorer`) into
+``train_log.jsonl`` and TensorBoard, and at the end draws them against minutes in ``learning_curve.png``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see soda_diffusers/__init__.py
+
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
@@ -44,13 +53,15 @@ from tqdm.auto import tqdm
 
 from soda_diffusers import SODAEncoder, SODANovelViewPipeline
 from soda_diffusers.data import StepBatches, ViewStore, default_synthetic_dataset
-from soda_diffusers.data.pairs import pair_batch, stream_generator, stream_seed
+from soda_diffusers.data.pairs import stream_generator, stream_seed
+from soda_diffusers.evaluate_nvs import PairScorer
 from soda_diffusers.schedules import scheduler_config
-from soda_diffusers.visualize import make_grid
+from soda_diffusers.visualize import make_grid, plot_learning_curve
 
 logger = get_logger(__name__)
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 TRAIN_LOG = "train_log.jsonl"
+LEARNING_CURVE = "learning_curve.png"
 CALIBRATION_BATCHES = 16  # training batches that set the EMA encoder's batch-norm statistics
 
 DEFAULTS = {
@@ -94,7 +105,8 @@ DEFAULTS = {
     "resume_from_checkpoint": None,
     "validation_steps": 250,
     "validation_objects": 8,
-    "validation_inference_steps": 25,
+    "validation_views": 4,
+    "validation_inference_steps": 10,
     "mixed_precision": "no",
     "seed": 0,
     "report_to": "tensorboard",
@@ -249,9 +261,11 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None,
+                    train_seconds: float = 0.0) -> Path:
     """Write ``checkpoint-<step>`` atomically (a temporary directory renamed at the end, so a
-    run killed while saving never leaves a half checkpoint behind), keeping the last ``total_limit``."""
+    run killed while saving never leaves a half checkpoint behind), keeping the last ``total_limit``.
+    ``step.json`` holds the step and the training time used so far (:class:`TrainingClock`)."""
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".partial-checkpoint-{step}"
     if accelerator.is_main_process and partial.exists():
@@ -260,7 +274,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()  # every process has written its part before the rename
     if accelerator.is_main_process:
-        (partial / "step.json").write_text(json.dumps({"step": step}))
+        (partial / "step.json").write_text(json.dumps({"step": step, "train_seconds": train_seconds}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -284,17 +298,67 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
 
 
 class StopRequest:
-    """Turns Ctrl-C and SIGTERM into a flag, so the loop can save a checkpoint and exit cleanly."""
+    """Turns Ctrl-C and SIGTERM into a flag, so the loop can save a checkpoint and exit cleanly;
+    ``restore()`` gives the signals back to their former handlers when the loop is over (the quickstart
+    goes on to evaluate in the same process, and must stop at once there)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.signal_number = 0
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.former = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
         if self.signal_number:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signal_number = int(signum)
+
+    def restore(self) -> None:
+        for sig, handler in self.former.items():
+            signal.signal(sig, handler)
+
+
+class TrainingClock:
+    """How far a run is through its budget: ``fraction`` in [0, 1] of ``--max_train_steps``, or with
+    ``--max_train_minutes`` the larger of the fractions of the minutes and of the steps used (so either
+    ends the run). ``seconds`` is the training time of all the run's sessions: checkpoints keep it, so
+    a resumed run continues at the fraction it had reached.
+
+    With a time budget the schedules follow the clock, as in budgeted training (Li et al., ICLR 2020):
+    the LR schedule and the EMA warm-up see ``schedule_step = fraction * max_train_steps``, so step-valued
+    settings (``--lr_warmup_steps``, the EMA's warm-up) are read as that share of the budget and the LR
+    reaches its final value exactly when the budget ends, whether the machine gives 1,500 steps or 4,000.
+    Without one, ``schedule_step`` is the step itself, and a resumed run is bitwise the uninterrupted one."""
+
+    def __init__(self, max_steps: int, max_minutes: float | None = None, step: int = 0, seconds: float = 0.0):
+        self.max_steps, self.max_seconds = max_steps, 60 * max_minutes if max_minutes else None
+        self.step, self.seconds = step, seconds
+
+    @property
+    def follows_time(self) -> bool:
+        return self.max_seconds is not None
+
+    @property
+    def fraction(self) -> float:
+        fraction = self.step / self.max_steps
+        if self.follows_time:
+            fraction = max(fraction, self.seconds / self.max_seconds)
+        return min(1.0, fraction)
+
+    @property
+    def schedule_step(self) -> float:
+        return self.fraction * self.max_steps if self.follows_time else self.step
+
+    @property
+    def done(self) -> bool:
+        return self.fraction >= 1.0
+
+    def follow(self, lr_scheduler, steps_per_step: int = 1) -> None:
+        """Drive ``lr_scheduler`` (a ``LambdaLR`` from ``diffusers.optimization.get_scheduler``, planned for
+        ``steps_per_step`` of its steps per training step) by :attr:`schedule_step` instead of its own count."""
+        if self.follows_time:
+            lr_scheduler.lr_lambdas = [lambda _, f=f: f(self.schedule_step * steps_per_step)
+                                       for f in lr_scheduler.lr_lambdas]
 
 
 def training_target(noise_scheduler, clean, noise, timesteps):
@@ -417,8 +481,10 @@ def main(argv: list[str] | None = None) -> int:
                                           num_source_views=1, stores=stores)
         val_source = batch_source(args, "val", image_size, min(args.train_batch_size, 64), args.seed + 1,
                                   stores=stores)
-        samples_source = batch_source(args, "val", image_size, args.validation_objects, args.seed + 2,
-                                      stores=stores)
+        scorer = None
+        if accelerator.is_main_process and not args.streaming:
+            scorer = PairScorer.from_data(data_path(args), "val", image_size, args.validation_objects,
+                                          args.validation_views, categories=args.categories)
 
     decoder_lr = args.learning_rate
     encoder_lr = args.encoder_learning_rate or decoder_lr
@@ -434,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
+    clock = TrainingClock(args.max_train_steps, args.max_train_minutes)
+    clock.follow(lr_scheduler, accelerator.num_processes)
     ema_models = {}
     if args.use_ema:
         for name, model in (("encoder", encoder), ("unet", unet)):
@@ -480,8 +548,10 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.print(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}, starting from scratch")
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
-        first_step = json.loads((resume_path / "step.json").read_text())["step"]
-        accelerator.print(f"resumed from {resume_path} at step {first_step}")
+        saved = json.loads((resume_path / "step.json").read_text())
+        first_step = clock.step = saved["step"]
+        clock.seconds = saved.get("train_seconds", 0.0)
+        accelerator.print(f"resumed from {resume_path} at step {first_step}, {clock.fraction:.0%} of the budget")
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -498,19 +568,17 @@ def main(argv: list[str] | None = None) -> int:
     val_batch = val_source.batch(0)
 
     stop = StopRequest()
-    progress = tqdm(
-        range(first_step, args.max_train_steps), initial=first_step, total=args.max_train_steps,
-        desc="training", disable=not accelerator.is_local_main_process,
-    )
-    deadline = time.monotonic() + 60 * args.max_train_minutes if args.max_train_minutes else None
-    step = first_step
-    start_time = time.monotonic()
+    bar = tqdm(total=round(clock.max_seconds) if clock.follows_time else args.max_train_steps,
+               initial=round(clock.seconds) if clock.follows_time else first_step,
+               unit="s" if clock.follows_time else "step", desc="training", disable=not accelerator.is_local_main_process)
+    session_start, session_seconds = time.monotonic(), clock.seconds
     first_step_at = time.time()  # wall clock, for benchmarks that time the whole start-up
     first_step_seconds = None
     train_seconds = 0.0
     exit_code = 0
+    step = first_step
     batches = training_batches(train_source, first_step, args.max_train_steps, args, accelerator.device)
-    for step in progress:
+    while not clock.done:
         step_start = time.monotonic()
         # z-dropout and layer masking inside the U-Net draw from the global RNG: its own stream, per step.
         torch.manual_seed(stream_seed(args.seed, step, rank, "conditioning"))
@@ -538,16 +606,24 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.sync_gradients and args.max_grad_norm:
             grad_norm = accelerator.clip_grad_norm_([*encoder.parameters(), *unet.parameters()], args.max_grad_norm)
         optimizer.step()
-        lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         for name, model in (("encoder", encoder), ("unet", unet)):
             if name in ema_models:
+                if clock.follows_time:  # the EMA warm-up, on the clock's schedule too
+                    ema_models[name].optimization_step = round(clock.schedule_step)
                 ema_models[name].step(model.parameters())
 
         completed = step + 1
         train_seconds += time.monotonic() - step_start
         if step == first_step:  # with --torch_compile, the compilation is in this step
             first_step_seconds = time.monotonic() - step_start
+        # Every process takes the same decisions and the same learning rate at the same step: a signal to
+        # any one of them stops them all here, with one checkpoint, and the clock is the slowest one's.
+        local = torch.tensor([[stop.signal_number, session_seconds + time.monotonic() - session_start]],
+                             device=accelerator.device, dtype=torch.float64)
+        signals, seconds = accelerator.gather(local).T.tolist()
+        clock.step, clock.seconds = completed, max(seconds)
+        lr_scheduler.step()
         loss_value = accelerator.gather(loss.detach()[None]).mean().item()
         logs = {
             "loss": loss_value,
@@ -557,38 +633,34 @@ def main(argv: list[str] | None = None) -> int:
         }
         if grad_norm is not None:
             logs["grad_norm"] = float(grad_norm)
-        if completed % args.validation_steps == 0 or completed == args.max_train_steps:
+        if completed % args.validation_steps == 0 or clock.done:
+            quality_start = time.monotonic()
             logs["val_loss"] = validation_loss(encoder, unet, noise_scheduler, val_batch, accelerator)
             if accelerator.is_main_process:
-                write_samples(accelerator, pipe, ema_models, encoder, unet, calibration_source, samples_source, args,
-                              completed, output_dir)
-        progress.set_postfix(loss=f"{loss_value:.4f}")
+                logs.update(validation_quality(accelerator, pipe, ema_models, encoder, unet, calibration_source,
+                                               scorer, args, completed, output_dir))
+            logs["validation_s"] = time.monotonic() - quality_start
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{logs['lr']:.2e}")
+        bar.update((round(clock.seconds) if clock.follows_time else completed) - bar.n)
         accelerator.log(logs, step=completed)
         if accelerator.is_main_process:
             with log_path.open("a") as log:
-                log.write(json.dumps({"step": completed, "elapsed_s": round(time.monotonic() - start_time, 3), **logs}) + "\n")
+                log.write(json.dumps({"step": completed, "elapsed_s": round(clock.seconds, 3), **logs}) + "\n")
 
-        # Every process takes the same decision at the same step: a signal to any one of them, or any
-        # one past the deadline, stops them all here, with one checkpoint.
-        local = torch.tensor([[stop.signal_number, deadline is not None and time.monotonic() >= deadline]],
-                             device=accelerator.device)
-        signals, past_deadline = accelerator.gather(local).T.tolist()
-        signalled, out_of_time = any(signals), any(past_deadline)
-        if completed % args.checkpointing_steps == 0 or signalled or out_of_time:
-            saved = save_checkpoint(accelerator, output_dir, completed, args.checkpoints_total_limit)
+        signalled = any(signals)
+        step = completed
+        if completed % args.checkpointing_steps == 0 or signalled or clock.done:
+            saved = save_checkpoint(accelerator, output_dir, completed, args.checkpoints_total_limit, clock.seconds)
             if signalled:
-                reason = ", ".join(f"{signal.Signals(number).name} on process {process}"
+                reason = ", ".join(f"{signal.Signals(int(number)).name} on process {process}"
                                    for process, number in enumerate(signals) if number)
                 accelerator.print(f"\n{reason}: saved {saved}; resume with --resume_from_checkpoint latest")
                 exit_code = 130
                 break
-        if out_of_time:
-            accelerator.print(f"\nreached --max_train_minutes {args.max_train_minutes} at step {completed}")
-            step = completed
-            break
-        step = completed
-
-    progress.close()
+    if clock.follows_time and clock.done and step < args.max_train_steps:
+        accelerator.print(f"\nreached --max_train_minutes {args.max_train_minutes} at step {step}")
+    bar.close()
+    stop.restore()
     accelerator.wait_for_everyone()
     # DDP keeps replicas identical; a checksum per process shows it (a test checks it).
     checksum = sum(p.double().sum() for p in [*encoder.parameters(), *unet.parameters()])
@@ -602,11 +674,14 @@ def main(argv: list[str] | None = None) -> int:
                    "first_step_at": first_step_at, "first_step_s": first_step_seconds,
                    "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        log = [json.loads(line) for line in log_path.read_text().splitlines()]
+        if any("val_psnr" in row for row in log):
+            plot_learning_curve(log, output_dir / LEARNING_CURVE)
         accelerator.print(f"saved the {'EMA ' if ema_models else ''}pipeline to {output_dir}")
         if args.push_to_hub:
             exit_code = push_pipeline(final, output_dir, args)
     if args.streaming:  # an open stream left to the interpreter's exit prints ignored exceptions
-        for source in (train_source, calibration_source, val_source, samples_source):
+        for source in (train_source, calibration_source, val_source):
             source.close()
     # Ranks leave together, then end_training closes the process group: a gloo rank whose peer had
     # already exited (while rank 0 exported the pipeline) could hang at exit, seen in about 1 of 5 runs.
@@ -630,31 +705,6 @@ def describe_hardware(accelerator) -> str:
     else:
         name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     return f"{accelerator.num_processes} x {name}"
-
-
-def measure_step_seconds(args, steps: int = 5, warmup: int = 3) -> float:
-    """Seconds per training step of this config on this machine (random data, weights discarded):
-    lets a time budget become a step count that the LR schedule can plan for."""
-    pipe = build_pipeline(args)
-    encoder, unet = pipe.encoder.train(), pipe.unet.train()
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    size = unet.config.sample_size
-    generator = torch.Generator().manual_seed(0)
-    views = args.num_source_views + 1
-    cameras = torch.eye(4, dtype=torch.float64).expand(args.train_batch_size, views, 4, 4)
-    images = torch.randint(256, (args.train_batch_size, views, 3, size, size), generator=generator, dtype=torch.uint8)
-    batch = pair_batch(images, cameras, cameras)
-    optimizer = torch.optim.AdamW([*encoder.parameters(), *unet.parameters()])
-    timings = []
-    # The first steps pay for allocator and thread-pool start-up; counting them halved the estimate.
-    for _ in range(warmup + steps):
-        start = time.perf_counter()
-        diffusion_loss(encoder, unet, noise_scheduler, batch, generator, generator).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        timings.append(time.perf_counter() - start)
-    # Interference only ever slows a step down: the fastest one is the machine's own speed.
-    return min(timings[warmup:])
 
 
 @torch.no_grad()
@@ -692,33 +742,37 @@ def recalibrate_batch_norms(model: torch.nn.Module, batches, device) -> None:
     """Recompute the batch-norm statistics of ``model`` (the encoder's ``latent_norm="batch"``) from
     ``batches`` of its input, and leave it in eval mode. EMA averages weights but not the statistics
     that go with them: the live model's statistics standardised the EMA encoder's latents wrongly
-    (measured on the quickstart: mean |z| 2.75 instead of 0.69, 0.8 dB lower PSNR)."""
+    (docs/results.md, "soda-tiny's shape")."""
     torch.optim.swa_utils.update_bn(batches, model, device)
     model.eval()
 
 
-def write_samples(accelerator, pipe, ema_models, encoder, unet, calibration_source, samples_source, args, step,
-                  output_dir):
-    """Source / target / generated views of a few held-out objects, as a PNG and in TensorBoard."""
+def validation_quality(accelerator, pipe, ema_models, encoder, unet, calibration_source, scorer, args, step,
+                       output_dir) -> dict:
+    """Score the pipeline as it would be exported now (EMA weights, recalibrated batch norms) on the
+    scorer's fixed val pairs, with ``soda-nvs evaluate``'s metrics: its samples (DDIM,
+    ``--validation_inference_steps``) as ``val_<metric>``, its one-step estimate as ``val_one_step_<metric>``.
+    The samples go to ``samples/step-<step>.png`` (sources / targets / samples) and TensorBoard. Copying the
+    source on the same pairs (``val_copy_source_<metric>``, scored once) comes with every row: the
+    reference line of the curves."""
+    if scorer is None:
+        return {}
     preview = export_pipeline(accelerator, pipe, ema_models, encoder, unet, calibration_source).to(accelerator.device)
     preview.set_progress_bar_config(disable=True)
-    batch = samples_source.batch(0)
-    count = len(batch["target_image"])
-    generated = preview(
-        batch["source_image"], batch["target_rays"], source_rays=batch.get("source_rays"),
-        num_inference_steps=args.validation_inference_steps,
-        generator=[torch.Generator().manual_seed(i) for i in range(count)], output_type="pt",
-    ).images.cpu() * 2 - 1
-    first_source = batch["source_image"] if "source_rays" not in batch else batch["source_image"][:, 0]
-    grid = make_grid(torch.cat([first_source, batch["target_image"], generated]), columns=count, scale=2)
+    samples = scorer.generate(preview, num_inference_steps=args.validation_inference_steps)
+    one_step = scorer.generate(preview, num_inference_steps=1)
+    logs = {}
+    for prefix, scores in (("val", scorer.scores(samples)), ("val_one_step", scorer.scores(one_step)),
+                           ("val_copy_source", scorer.copy_source_scores)):
+        logs.update({f"{prefix}_{name}": value for name, value in scores.items()})
+    grid = make_grid(torch.cat([scorer.sources, scorer.targets, samples]), columns=len(samples), scale=2)
     samples_dir = output_dir / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
     grid.save(samples_dir / f"step-{step:06d}.png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            import numpy as np
-
             tracker.writer.add_image("samples (source / target / generated)", np.asarray(grid), step, dataformats="HWC")
+    return logs
 
 
 def push_pipeline(pipe, output_dir: Path, args) -> int:

@@ -29,8 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--commit-message", help="the commit message")
     parser.add_argument(
         "--space", metavar="USER/NAME",
-        help="also publish the demo (soda-nvs demo) as a Gradio Space serving --repo-id: app.py, requirements.txt "
-        "and the Space's README.md",
+        help="also publish the demo (soda-nvs demo) as a Gradio Space serving --repo-id: app.py, the demo's code "
+        "(soda_demo/), requirements.txt and the Space's README.md",
     )
     parser.add_argument(
         "--dry-run", metavar="DIR",

@@ -4,9 +4,8 @@
 * :class:`NMRObjects`: whole objects (24 views and cameras) for evaluation, their images read from the
   memory-mapped :class:`~soda_diffusers.data.ViewStore` with ``store=True`` (as training reads them).
 
-Images are resized from the stored 64 px by area averaging (the mean of each block of pixels, the
-same as ``F.interpolate(mode="area")`` for sizes dividing 64), rounded back to uint8 so that every
-storage, and the store, give the very same values; they come out as float tensors in
+Images are resized from the stored 64 px by :func:`~soda_diffusers.data.images.area_downsample_uint8`,
+so that every storage, and the store, give the very same values; they come out as float tensors in
 [-1, 1]. Rays are those of :func:`soda_diffusers.cameras.nmr_rays`, in the frame of the (first)
 source camera.
 """
@@ -20,37 +19,9 @@ import numpy as np
 import torch
 
 from soda_diffusers.cameras import NMR_NUM_VIEWS, nmr_rays
-from soda_diffusers.data.errors import NMRFormatError
-from soda_diffusers.data.layout import category_aliases, check_split, read_view_list, resolve_categories
-from soda_diffusers.data.storage import NMRStorage, open_storage
+from soda_diffusers.data.images import area_downsample_uint8
+from soda_diffusers.data.index import NMRObjectIndex
 from soda_diffusers.data.store import ViewStore
-
-
-def area_downsample_uint8(images: np.ndarray, size: int, channels_last: bool = True) -> np.ndarray:
-    """Resize uint8 images ``(..., S, S, C)`` (or ``(..., S, S)`` with ``channels_last=False``) to
-    ``size`` by averaging square blocks of ``S / size`` pixels, rounding half up. ``size`` must divide ``S``."""
-    if not channels_last:
-        return area_downsample_uint8(images[..., None], size)[..., 0]
-    factor = images.shape[-2] // size
-    if factor == 1:
-        return images
-    # Adding the strided sub-grids is several times faster than a reduction over reshaped blocks.
-    total = np.zeros((*images.shape[:-3], size, size, images.shape[-1]), dtype=np.uint32)
-    for i in range(factor):
-        for j in range(factor):
-            total += images[..., i::factor, j::factor, :]
-    count = factor * factor
-    return ((total + count // 2) // count).astype(np.uint8)
-
-
-def check_image_size(image_size: int, stored: int, where: str) -> int:
-    image_size = int(image_size)
-    if image_size <= 0 or image_size > stored or stored % image_size:
-        divisors = [s for s in range(1, stored + 1) if stored % s == 0 and s >= 4]
-        raise ValueError(
-            f"image_size: {where} stores {stored} px images; expected a size dividing {stored} ({divisors}), got {image_size}"
-        )
-    return image_size
 
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:
@@ -89,70 +60,7 @@ class _RayCache:
         return torch.stack(rays)
 
 
-class _NMRObjectIndex:
-    """The objects of some categories' split of a storage, in a fixed order: categories sorted by
-    synset id, objects in the order of their split file."""
-
-    def __init__(self, path, split: str, categories, image_size: int):
-        self.storage: NMRStorage = open_storage(path)
-        self.split = check_split(split)
-        available = self.storage.categories()
-        self.categories = resolve_categories(categories, available, self.storage.description)
-        self.category_names = [
-            (category_aliases(available[synset]) or [synset])[0] for synset in self.categories
-        ]
-        self.image_size = check_image_size(image_size, self.storage.image_size, self.storage.description)
-        self._objects = []
-        self._labels = []
-        for label, synset in enumerate(self.categories):
-            for object_id in self.storage.object_ids(synset, self.split):
-                self._objects.append((synset, object_id))
-                self._labels.append(label)
-        if not self._objects:
-            names = ", ".join(f"{s} ({n})" for s, n in zip(self.categories, self.category_names))
-            raise NMRFormatError(
-                f"{self.storage.description}: split {self.split!r} has no objects in categories {names}"
-            )
-
-    @property
-    def object_ids(self) -> list[str]:
-        """``"<synset>/<object>"`` of every object, in dataset order."""
-        return [f"{synset}/{object_id}" for synset, object_id in self._objects]
-
-    @property
-    def labels(self) -> list[int]:
-        return list(self._labels)
-
-    @property
-    def num_objects(self) -> int:
-        return len(self._objects)
-
-    def _source_views_from_list(self, view_list) -> list[int] | None:
-        """Each object's view from ``view_list``: a view list file, or ``"stored"`` for the one stored with
-        the data (:meth:`NMRStorage.source_views`, None when the data has none)."""
-        if view_list is None:
-            return None
-        if view_list == "stored":
-            views, where = self.storage.source_views(), f"{self.storage.description}'s source views"
-            if views is None:
-                return None
-        else:
-            views, where = read_view_list(view_list), f"view list {os.fspath(view_list)!r}"
-        missing = [name for name in self.object_ids if name not in views]
-        if missing:
-            raise NMRFormatError(
-                f"{where}: no source view for {len(missing)} of the {self.num_objects} "
-                f"objects of split {self.split!r}, e.g. {missing[0]!r}"
-            )
-        return [views[name] for name in self.object_ids]
-
-    def _images(self, index: int, views: Sequence[int]) -> np.ndarray:
-        synset, object_id = self._objects[index]
-        images = self.storage.read_images(synset, object_id, views)
-        return area_downsample_uint8(images, self.image_size)
-
-
-class NMRDataset(_NMRObjectIndex, torch.utils.data.Dataset):
+class NMRDataset(NMRObjectIndex, torch.utils.data.Dataset):
     """(source view(s), target view) pairs of NMR objects, for training SODA.
 
     Args:
@@ -258,7 +166,7 @@ class NMRDataset(_NMRObjectIndex, torch.utils.data.Dataset):
         }
 
 
-class NMRObjects(_NMRObjectIndex):
+class NMRObjects(NMRObjectIndex):
     """Whole NMR objects, for evaluation: a sequence of dicts
 
     * ``images``: ``(24, 3, H, W)`` float in [-1, 1];

@@ -36,7 +36,10 @@ from tqdm.auto import tqdm
 
 from soda_diffusers.cameras import NMR_NUM_VIEWS, view_matrices
 from soda_diffusers.data.atomic import atomic_output
+from soda_diffusers.data.cache import default_cache_dir
 from soda_diffusers.data.errors import NMRFormatError
+from soda_diffusers.data.images import area_downsample_uint8
+from soda_diffusers.data.index import NMRObjectIndex
 
 STORE_FORMAT = 1
 MANIFEST_FILE = "manifest.json"
@@ -44,8 +47,6 @@ ARRAYS = ("images", "world_mats", "unprojections")
 
 
 def default_store_dir() -> Path:
-    from soda_diffusers.data.synthetic import default_cache_dir
-
     return default_cache_dir() / "stores"
 
 
@@ -121,9 +122,7 @@ class ViewStore:
 
         In a multi-process run, call it in the main process first (``accelerator.main_process_first()``):
         the other processes then find the store complete and only open it."""
-        from soda_diffusers.data.nmr import _NMRObjectIndex
-
-        index = _NMRObjectIndex(data, split, categories, image_size)
+        index = NMRObjectIndex(data, split, categories, image_size)
         fingerprint = source_fingerprint(index)
         root = Path(cache_dir).expanduser() if cache_dir is not None else default_store_dir()
         key = hashlib.sha256(json.dumps([index.storage.description, split, index.categories]).encode()).hexdigest()
@@ -160,7 +159,7 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def source_fingerprint(index) -> dict:
+def source_fingerprint(index: NMRObjectIndex) -> dict:
     """What a store depends on: the format, the resolution, the objects and their labels, and the
     source's own files (their sizes and modification times, or the Arrow tables' fingerprints)."""
     object_ids = json.dumps([index.object_ids, index.labels]).encode()
@@ -175,11 +174,9 @@ def source_fingerprint(index) -> dict:
     }
 
 
-def build_store(index, directory: Path, fingerprint: dict, progress: bool = True) -> None:
-    """Write the store of ``index`` (an ``_NMRObjectIndex``) to ``directory``, one object at a time:
-    memory stays flat whatever the split's size."""
-    from soda_diffusers.data.nmr import area_downsample_uint8
-
+def build_store(index: NMRObjectIndex, directory: Path, fingerprint: dict, progress: bool = True) -> None:
+    """Write the store of ``index`` to ``directory``, one object at a time: memory stays flat whatever
+    the split's size."""
     storage, size, count = index.storage, index.image_size, index.num_objects
     shapes = {
         "images": ((count, NMR_NUM_VIEWS, 3, size, size), np.uint8),

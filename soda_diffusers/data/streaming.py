@@ -17,11 +17,10 @@ import numpy as np
 import torch
 
 from soda_diffusers.cameras import NMR_NUM_VIEWS
-from soda_diffusers.data.errors import NMRFormatError
+from soda_diffusers.data.errors import NMRFormatError, short_error
+from soda_diffusers.data.images import area_downsample_uint8, check_image_size
 from soda_diffusers.data.layout import NMR_CATEGORIES, resolve_categories
-from soda_diffusers.data.nmr import area_downsample_uint8, check_image_size
 from soda_diffusers.data.pairs import draw_views, pair_batch, stream_generator
-from soda_diffusers.data.storage import short_error
 
 # Only these become numpy arrays (masks are read with their row group but never converted).
 COLUMNS = ("object_id", "category", "images", "world_mat", "world_mat_inv", "camera_mat_inv")

@@ -29,6 +29,7 @@ import yaml
 
 from soda_diffusers.cameras import NMR_NUM_VIEWS, nmr_cameras
 from soda_diffusers.data.atomic import atomic_output
+from soda_diffusers.data.cache import default_cache_dir
 from soda_diffusers.data.layout import (
     METADATA_FILE,
     NMR_CATEGORIES,
@@ -212,12 +213,6 @@ def make_synthetic_nmr(
                 for member, data in files:
                     write(member, data)
     return out
-
-
-def default_cache_dir() -> Path:
-    """``$SODA_DIFFUSERS_CACHE``, else ``~/.cache/soda_diffusers``."""
-    root = os.environ.get("SODA_DIFFUSERS_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "soda_diffusers"
 
 
 def default_synthetic_dataset(
