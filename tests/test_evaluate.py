@@ -35,6 +35,7 @@ from soda_diffusers.metrics import (
     fid,
     fid_metric,
     foreground_color_error,
+    foreground_color_error_parts,
     foreground_iou,
     psnr,
     ssim,
@@ -206,7 +207,9 @@ def test_copy_source_scores_what_the_metrics_give_by_hand(nmr, tmp_path):
 
     expected, real_views, copied_views = {}, [], []
     direct = {"psnr": psnr, "ssim": ssim, "ssim_pixelnerf": ssim_pixelnerf, "fg_iou": foreground_iou,
-              "fg_color_error": foreground_color_error}
+              "fg_color_error": foreground_color_error,
+              "fg_brightness_error": lambda a, b: foreground_color_error_parts(a, b)[0],
+              "fg_chroma_error": lambda a, b: foreground_color_error_parts(a, b)[1]}
     for obj in objects:
         source_view = chosen[obj["object_id"]]
         targets = torch.cat([obj["images"][:source_view], obj["images"][source_view + 1 :]])

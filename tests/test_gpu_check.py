@@ -57,7 +57,7 @@ def test_the_dry_run_of_both_stages_leaves_what_a_gpu_run_sends_back(gpu_check, 
         record = json.loads((work / "results" / run / "run.json").read_text())
         assert record["option"] in ("none", "channels_last") and record["minutes"] == pytest.approx(1 / 3, abs=1e-3)
         log = [json.loads(line) for line in (work / "results" / run / "train_log.jsonl").read_text().splitlines()]
-        assert log[-1]["elapsed_s"] >= 20  # trained by the clock, for the dry run's 20 s
+        assert log[-1]["lr"] == 0.0 and log[-1]["elapsed_s"] >= 15  # trained by the clock (20 s, or its step cap), annealed
         assert f"train_soda.py --config {run} --data " in summary and "--max_train_minutes 0.333" in summary
     assert "shortened" not in summary  # the dry run has no stage time limit
 
