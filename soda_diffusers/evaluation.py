@@ -61,7 +61,7 @@ def view_scores(generated: torch.Tensor, targets: torch.Tensor) -> dict[str, lis
     ``fg_color_error``, the distance in 0-255 RGB between the mean object colours: what a person sees
     first (is the shape there, is it the right colour), which PSNR and SSIM can rate below a grey blur;
     and that colour error's ``fg_brightness_error`` and ``fg_chroma_error`` parts (too light or dark, or
-    the wrong hue), which a model that misses the shading of the new view tells apart."""
+    the wrong hue)."""
     generated, targets = (generated.float().clamp(-1, 1) + 1) / 2, (targets.float().clamp(-1, 1) + 1) / 2
     brightness, chroma = foreground_color_error_parts(generated, targets)
     return {

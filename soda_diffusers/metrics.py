@@ -192,7 +192,8 @@ def foreground_color_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Te
 def foreground_color_error_parts(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`foreground_color_error` split into ``(brightness, chroma)``, each ``(N,)`` in 0-255 RGB units,
     with ``brightness**2 + chroma**2 == error**2``: the part of the difference of mean colours along the
-    grey axis (too light or too dark: shading) and the part across it (the wrong hue or saturation)."""
+    grey axis (too light or too dark: the shading, or a pale rim drawn around the object, which counts
+    as foreground: docs/results.md#colour-error) and the part across it (the wrong hue or saturation)."""
     difference = mean_foreground_color(pred) - mean_foreground_color(target)
     grey = difference.mean(dim=1, keepdim=True).expand_as(difference)
     return grey.norm(dim=1), (difference - grey).norm(dim=1)

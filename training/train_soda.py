@@ -619,12 +619,14 @@ def main(argv: list[str] | None = None) -> int:
             first_step_seconds = time.monotonic() - step_start
         # Every process takes the same decisions and the same learning rate at the same step: a signal to
         # any one of them stops them all here, with one checkpoint, and the clock is the slowest one's.
-        local = torch.tensor([[stop.signal_number, session_seconds + time.monotonic() - session_start]],
+        # One gather a step carries the decisions and the loss to log.
+        local = torch.tensor([stop.signal_number, session_seconds + time.monotonic() - session_start],
                              device=accelerator.device, dtype=torch.float64)
-        signals, seconds = accelerator.gather(local).T.tolist()
+        local = torch.cat([local, loss.detach().double()[None]])[None]
+        signals, seconds, losses = accelerator.gather(local).T.tolist()
         clock.step, clock.seconds = completed, max(seconds)
         lr_scheduler.step()
-        loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+        loss_value = sum(losses) / len(losses)
         logs = {
             "loss": loss_value,
             "lr": lr_scheduler.get_last_lr()[-1],

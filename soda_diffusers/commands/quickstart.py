@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from soda_diffusers.evaluation import VIEW_METRICS
+
 TRAINING_SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train_soda.py"
 
 
@@ -73,8 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
 # What the report shows of each method: every metric of the NVS protocol but LPIPS (its weights are
 # not on a fresh machine).
-REPORT_METRICS = ("psnr", "ssim", "ssim_pixelnerf", "fg_iou", "fg_color_error", "fg_brightness_error",
-                  "fg_chroma_error")
+REPORT_METRICS = VIEW_METRICS
 METHODS = (
     ("model", "SODA (trained, true source view)"),
     ("copy_source", "baseline: copy the source view"),
