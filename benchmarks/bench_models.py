@@ -24,26 +24,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from soda_diffusers import SODANovelViewPipeline, orbit_rays
+from soda_diffusers.hardware import matmul_peak_tflops, synchronize
 
 OPTIONS = ("none", "channels_last", "tf32", "fused", "compile", "flash", "math", "all")
-
-
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 20) -> float:
-    """Dense matmul throughput of this device: the peak the models are measured against."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    synchronize(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -173,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    peak = matmul_peak_tflops(device, dtype, 8192 if device.type == "cuda" else 1024)
+    peak = matmul_peak_tflops(device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     lines = [f"torch {torch.__version__}, {name}; dense {precision} matmul peak measured here: {peak:.2f} TFLOP/s",
              *TABLE_HEADER]

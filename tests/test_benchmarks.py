@@ -24,3 +24,16 @@ def test_bench_models_reports_throughput_flops_and_memory(option):
     assert row["option"] == option and row["compile_s"] == 0
     with pytest.raises(ValueError, match="option"):
         bench.bench_preset("soda-tiny", batch=2, steps=1, sample_batch=1, option="turbo")
+
+
+def test_the_matmul_peak_is_measured_without_moving_the_global_random_stream():
+    import torch
+
+    from soda_diffusers.hardware import matmul_peak_tflops
+
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    peak = matmul_peak_tflops(torch.device("cpu"), size=64, repeats=2)
+    assert 0 < peak < 1e4
+    assert torch.equal(torch.rand(4), expected)

@@ -195,6 +195,7 @@ def test_a_time_budgeted_run_anneals_its_learning_rate_however_slow_the_steps(sy
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["train_steps"] == len(log)
+    assert summary["matmul_dtype"] == "float32" and summary["matmul_tflops_start"] > 0 and summary["matmul_tflops_end"] > 0
 
 
 def test_a_resumed_time_budgeted_run_continues_at_its_saved_fraction(synthetic, tmp_path):
@@ -447,6 +448,7 @@ def test_quickstart_writes_the_report_files_and_evaluate_reproduces_its_numbers(
         assert 0 < result[key]["psnr"] < 100 and -1 <= result[key]["ssim"] <= 1
         assert 0 <= result[key]["fg_iou"] <= 1 and 0 <= result[key]["fg_color_error"] <= 442
     assert (out / "loss.png").is_file() and (out / "report.md").is_file()
+    assert f"matmul ran at {result['matmul_tflops'][0]:.2f} TFLOP/s" in (out / "report.md").read_text()
     assert len(list((out / "samples").glob("*-orbit.gif"))) == 2
     assert SODANovelViewPipeline.from_pretrained(out / "pipeline").unet.config.sample_size == 32
 

@@ -55,6 +55,7 @@ from soda_diffusers import SODAEncoder, SODANovelViewPipeline
 from soda_diffusers.data import StepBatches, ViewStore, default_synthetic_dataset
 from soda_diffusers.data.pairs import stream_generator, stream_seed
 from soda_diffusers.evaluate_nvs import PairScorer
+from soda_diffusers.hardware import matmul_peak_tflops
 from soda_diffusers.schedules import scheduler_config
 from soda_diffusers.visualize import make_grid, plot_learning_curve
 
@@ -567,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
 
     val_batch = val_source.batch(0)
 
+    matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    matmul_tflops_start = matmul_peak_tflops(accelerator.device, matmul_dtype)
     stop = StopRequest()
     bar = tqdm(total=round(clock.max_seconds) if clock.follows_time else args.max_train_steps,
                initial=round(clock.seconds) if clock.follows_time else first_step,
@@ -664,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     stop.restore()
     accelerator.wait_for_everyone()
+    matmul_tflops_end = matmul_peak_tflops(accelerator.device, matmul_dtype)
     # DDP keeps replicas identical; a checksum per process shows it (a test checks it).
     checksum = sum(p.double().sum() for p in [*encoder.parameters(), *unet.parameters()])
     checksums = accelerator.gather(checksum.float()[None].to(accelerator.device)).tolist()
@@ -674,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
                    "preset": args.preset, "batch_size": args.train_batch_size, "processes": accelerator.num_processes,
                    "hardware": describe_hardware(accelerator), "parameter_checksums": checksums,
                    "first_step_at": first_step_at, "first_step_s": first_step_seconds,
+                   # The machine's speed at both ends: steps and scores compare across runs beside it.
+                   "matmul_dtype": str(matmul_dtype).removeprefix("torch."),
+                   "matmul_tflops_start": round(matmul_tflops_start, 4), "matmul_tflops_end": round(matmul_tflops_end, 4),
                    "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         log = [json.loads(line) for line in log_path.read_text().splitlines()]

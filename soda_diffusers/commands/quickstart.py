@@ -111,6 +111,8 @@ def evaluate_quickstart(out: Path, summary: dict, num_objects: int, split: str =
         split=split,
         train_steps=summary["train_steps"],
         train_seconds=summary["train_seconds"],
+        matmul_dtype=summary["matmul_dtype"],
+        matmul_tflops=[summary["matmul_tflops_start"], summary["matmul_tflops_end"]],
         sampling_seconds=round(sampling_seconds, 1),
         num_inference_steps=nvs["settings"]["num_inference_steps"],
         scheduler=nvs["settings"]["scheduler"],
@@ -168,7 +170,9 @@ def write_report(out: Path, result: dict, objects: list[tuple[str, int]]) -> Non
     lines = [
         "# SODA quickstart report",
         "",
-        f"Trained {result['train_steps']} steps in {result['train_seconds'] / 60:.1f} min; "
+        f"Trained {result['train_steps']} steps in {result['train_seconds'] / 60:.1f} min, on a machine whose dense "
+        f"{result['matmul_dtype']} matmul ran at {result['matmul_tflops'][0]:.2f} TFLOP/s at the start and "
+        f"{result['matmul_tflops'][1]:.2f} at the end (the steps, and so the scores, follow that speed); "
         f"{result['objects']} held-out objects ({result['split']} split), one source view each (the data's view "
         f"list), the 23 other views as targets, {result['scheduler']} with {result['num_inference_steps']} steps "
         f"(sampling took {result['sampling_seconds']:.0f} s). The same numbers come from "
@@ -187,7 +191,8 @@ def write_report(out: Path, result: dict, objects: list[tuple[str, int]]) -> Non
         "(what the bottleneck latent carries about the object).",
         "- FG IoU: overlap of the object's silhouette with the target's (foreground: pixels not near white); "
         "FG colour error: distance between the mean object colours, 0-255 RGB (lower is better), split into "
-        "its brightness part (along the grey axis: the shading) and its chroma part (the hue).",
+        "its brightness part (along the grey axis: shading, or a pale rim drawn around the object) and its "
+        "chroma part (the hue).",
         f"- The one-step estimate scores {result['one_step']['psnr'] - model['psnr']:+.2f} dB against the samples: "
         "PSNR rewards the mean of the plausible views, and a sample, sharp but wrong in detail, pays for the "
         "uncertainty left about the unseen sides.",

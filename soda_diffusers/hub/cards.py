@@ -202,6 +202,9 @@ def _training_rows(summary: dict | None, config: dict | None) -> list[tuple[str,
         rows.append(("processes", str(summary["processes"])))
     if "train_seconds" in summary:
         rows.append(("training time", _duration(float(summary["train_seconds"]))))
+    if "matmul_tflops_start" in summary:
+        rows.append(("machine speed", f"dense {summary['matmul_dtype']} matmul {summary['matmul_tflops_start']:.2f} "
+                                      f"TFLOP/s at the start, {summary['matmul_tflops_end']:.2f} at the end"))
     overrides = {k: config[k] for k in ("encoder", "unet") if config.get(k)}
     if config.get("preset"):
         rows.append(("started from", f"preset `{config['preset']}`" + (f" with {json.dumps(overrides)}" if overrides else "")))
