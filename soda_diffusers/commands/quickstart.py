@@ -73,9 +73,6 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report else 1
 
 
-# What the report shows of each method: every metric of the NVS protocol but LPIPS (its weights are
-# not on a fresh machine).
-REPORT_METRICS = VIEW_METRICS
 METHODS = (
     ("model", "SODA (trained, true source view)"),
     ("copy_source", "baseline: copy the source view"),
@@ -104,7 +101,8 @@ def evaluate_quickstart(out: Path, summary: dict, num_objects: int, split: str =
     one_step = evaluate(pipe, data, out / "evaluate-one-step", ("nvs",), limit=num_objects, split=split,
                         num_inference_steps=1, baselines=())["nvs"]
     scores = {"model": nvs, **nvs["baselines"], "one_step": one_step}
-    result = {method: {name: scores[method][name] for name in REPORT_METRICS} for method, _ in METHODS}
+    # Every metric of the NVS protocol but LPIPS (its weights are not on a fresh machine).
+    result = {method: {name: scores[method][name] for name in VIEW_METRICS} for method, _ in METHODS}
     command = f"soda-nvs evaluate --pipeline {out / 'pipeline'} --data {data}"
     result.update(
         objects=nvs["objects"],
