@@ -20,6 +20,10 @@ import json
 import resource
 import time
 
+from soda_diffusers.threads import set_wait_policy
+
+THREAD_SETTINGS = set_wait_policy()  # as the entry points choose it, before torch loads (soda_diffusers.threads)
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -158,10 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     peak = matmul_peak_tflops(device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    lines = [f"torch {torch.__version__}, {name}; dense {precision} matmul peak measured here: {peak:.2f} TFLOP/s",
-             *TABLE_HEADER]
+    lines = [f"torch {torch.__version__}, {name}; dense {precision} matmul peak measured here: {peak:.2f} TFLOP/s; "
+             f"OpenMP's waiting: {THREAD_SETTINGS}", *TABLE_HEADER]
     print("\n".join(lines), flush=True)
-    result = {"torch": torch.__version__, "device": name, "precision": precision, "batch": args.batch,
+    result = {"torch": torch.__version__, "device": name, "thread_settings": THREAD_SETTINGS, "precision": precision,
+              "batch": args.batch,
               "sample_batch": args.sample_batch, "matmul_peak_tflops": peak, "rows": [], "table": lines}
 
     def write_json():  # after every row too: a run stopped early keeps the rows it measured

@@ -16,11 +16,20 @@ For the data path's scaling, the same config on 390 and 3,900 synthetic objects:
     soda-nvs make-synthetic --out data/syn-30 --objects-per-category 30
     soda-nvs make-synthetic --out data/syn-300 --objects-per-category 300 --num-workers 2
     python benchmarks/bench_train.py --configs synthetic-tiny --data data/syn-30 data/syn-300 --workers 0 2 --steps 40
+
+For OpenMP's wait policy, idle and with other processes computing on the same cores (``--busy N``: N
+processes that spin in Python beside each run), through the script users run, each run's thread settings
+from the environment it is given (``default``: the variables unset, so the script chooses):
+
+    python benchmarks/bench_train.py --configs synthetic-tiny --steps 22 --warmup 4 --rounds 2 --busy 0 1 \
+        --env default OMP_WAIT_POLICY=PASSIVE OMP_WAIT_POLICY=ACTIVE OMP_WAIT_POLICY= GOMP_SPINCOUNT=30000
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -30,7 +39,32 @@ import tempfile
 import time
 from pathlib import Path
 
+from soda_diffusers.threads import THREAD_VARIABLES
+
 SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train_soda.py"
+
+
+def run_environment(variant: str) -> dict:
+    """This process's environment with the thread variables of ``variant``: ``default`` sets none of
+    them (the training script chooses), ``NAME=VALUE[,NAME=VALUE]`` sets those (an empty value too)."""
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    if variant != "default":
+        for setting in variant.split(","):
+            name, _, value = setting.partition("=")
+            env[name] = value
+    return env
+
+
+@contextlib.contextmanager
+def busy_processes(count: int):
+    """``count`` processes that each keep one core busy (a Python loop), for as long as the block runs."""
+    processes = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
 
 
 def build_stores(config: str, data: str, cache_dir: str) -> float:
@@ -49,7 +83,7 @@ def build_stores(config: str, data: str, cache_dir: str) -> float:
 
 
 def bench_run(config: str, steps: int, warmup: int, batch: int | None, data: str | None, workers: int,
-              cache_dir: str) -> dict:
+              cache_dir: str, env: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
         command = [
             sys.executable, str(SCRIPT), "--config", config, "--output_dir", out, "--max_train_steps", str(steps),
@@ -63,7 +97,7 @@ def bench_run(config: str, steps: int, warmup: int, batch: int | None, data: str
         command += ["--data", data or ""]
         with open(Path(out) / "stdout.txt", "w") as log_file:
             launched_at = time.time()
-            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
             # The process's own peak (and its DataLoader workers'), not the largest child's so far.
             _, status, usage = os.wait4(process.pid, 0)
         if status:
@@ -83,6 +117,7 @@ def bench_run(config: str, steps: int, warmup: int, batch: int | None, data: str
         "data_fraction": sum(r["data_s"] for r in steady) / sum(step_seconds),
         "startup_s": summary["first_step_at"] - launched_at,
         "peak_rss_mib": usage.ru_maxrss / 1024,
+        "thread_settings": summary.get("thread_settings"),
     }
 
 
@@ -104,6 +139,11 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=[None], help="NMR-format datasets (default: the synthetic data)")
     parser.add_argument("--workers", nargs="+", type=int, default=[0], help="DataLoader workers to try")
     parser.add_argument("--cache-dir", help="where the view stores go (default: a temporary folder)")
+    parser.add_argument("--env", nargs="+", default=["default"],
+                        help="thread settings to try: default (none set) or NAME=VALUE[,NAME=VALUE] (default: default)")
+    parser.add_argument("--busy", nargs="+", type=int, default=[0],
+                        help="processes that keep a core busy beside each run (default 0: an idle machine)")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every run this often, interleaved")
     args = parser.parse_args()
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must be larger than --warmup ({args.warmup})")
@@ -115,17 +155,19 @@ def main() -> None:
             for config in args.configs:
                 seconds = build_stores(config, data or "", cache_dir)
                 print(f"{config} on {data or 'the synthetic data'}: view stores built in {seconds:.1f} s", flush=True)
-        print("\n| config | objects | workers | batch | samples/s | s/step | waiting for data | startup | peak RSS |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for data in args.data:
-            objects = count_objects(data)
-            for config in args.configs:
-                for workers in args.workers:
-                    r = bench_run(config, args.steps, args.warmup, args.batch or None, data, workers, cache_dir)
-                    rows.append(r)
-                    print(f"| {r['config']} | {objects} | {workers} | {r['batch']} | {r['samples_per_s']:.1f} | "
-                          f"{r['step_s']:.2f} | {100 * r['data_fraction']:.1f}% | {r['startup_s']:.1f} s | "
-                          f"{r['peak_rss_mib']:.0f} MiB |", flush=True)
+        print("\n| config | objects | workers | batch | threads | busy | samples/s | s/step | waiting for data | startup "
+              "| peak RSS |")
+        print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+        objects = {data: count_objects(data) for data in args.data}
+        runs = itertools.product(range(args.rounds), args.data, args.configs, args.workers, args.busy, args.env)
+        for _, data, config, workers, busy, variant in runs:
+            with busy_processes(busy):
+                r = bench_run(config, args.steps, args.warmup, args.batch or None, data, workers, cache_dir,
+                              run_environment(variant))
+            rows.append(r)
+            print(f"| {r['config']} | {objects[data]} | {workers} | {r['batch']} | {variant} ({r['thread_settings']}) | "
+                  f"{busy} | {r['samples_per_s']:.1f} | {r['step_s']:.2f} | {100 * r['data_fraction']:.1f}% | "
+                  f"{r['startup_s']:.1f} s | {r['peak_rss_mib']:.0f} MiB |", flush=True)
 
 
 if __name__ == "__main__":

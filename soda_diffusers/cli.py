@@ -13,6 +13,7 @@ import pkgutil
 import sys
 
 from soda_diffusers import commands
+from soda_diffusers.threads import set_wait_policy
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_wait_policy()  # before the commands' modules load torch
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -44,6 +44,7 @@ from soda_diffusers.cameras import nmr_rays
 from soda_diffusers.data import NMRObjects, ViewStore
 from soda_diffusers.evaluation import (
     generate_views_per_seed,
+    light_grey_ratio,
     seeded_view,
     target_views,
     view_scores,
@@ -70,7 +71,7 @@ SSIM_PIXELNERF_WINDOW = "uniform 7x7, sample covariance, valid region (skimage's
 FOREGROUND = "darkest channel at most 239 of 255 (metrics.FOREGROUND_THRESHOLD)"
 # Per target view, in the records and the summaries: those of view_scores (VIEW_METRICS) and LPIPS.
 NVS_METRICS = ("psnr", "ssim", "ssim_pixelnerf", "lpips", "fg_iou", "fg_color_error", "fg_brightness_error",
-               "fg_chroma_error")
+               "fg_chroma_error", "light_grey", "target_light_grey")
 # Predictions of the same targets that a model must beat to be doing novel view synthesis at all:
 # the source view copied to every target (no 3D at all), the mean of all training views (the best
 # constant image in squared error), and the model given another test object's source view (the same
@@ -705,11 +706,13 @@ NVS_COLUMNS = (
     ("fg_color_error", "FG colour error", 1),
     ("fg_brightness_error", "its brightness part", 1),
     ("fg_chroma_error", "its chroma part", 1),
+    ("light_grey_ratio", "light grey (x targets')", 2),
 )
 
 
 def _metric_cells(row: dict) -> str:
-    return " | ".join(_number(row.get(key), digits) for key, _, digits in NVS_COLUMNS)
+    values = {**row, "light_grey_ratio": light_grey_ratio(row)}
+    return " | ".join(_number(values.get(key), digits) for key, _, digits in NVS_COLUMNS)
 
 
 def _category_label(synset: str, row: dict) -> str:

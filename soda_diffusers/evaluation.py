@@ -17,6 +17,7 @@ from soda_diffusers.metrics import (
     foreground_color_error,
     foreground_color_error_parts,
     foreground_iou,
+    light_grey_percent,
     psnr,
     ssim,
     ssim_pixelnerf,
@@ -49,7 +50,8 @@ def generate_views(
 
 
 # What :func:`view_scores` returns, in this order (see :mod:`soda_diffusers.metrics` for each definition).
-VIEW_METRICS = ("psnr", "ssim", "ssim_pixelnerf", "fg_iou", "fg_color_error", "fg_brightness_error", "fg_chroma_error")
+VIEW_METRICS = ("psnr", "ssim", "ssim_pixelnerf", "fg_iou", "fg_color_error", "fg_brightness_error", "fg_chroma_error",
+                "light_grey", "target_light_grey")
 
 
 def view_scores(generated: torch.Tensor, targets: torch.Tensor) -> dict[str, list[float]]:
@@ -61,7 +63,8 @@ def view_scores(generated: torch.Tensor, targets: torch.Tensor) -> dict[str, lis
     ``fg_color_error``, the distance in 0-255 RGB between the mean object colours: what a person sees
     first (is the shape there, is it the right colour), which PSNR and SSIM can rate below a grey blur;
     and that colour error's ``fg_brightness_error`` and ``fg_chroma_error`` parts (too light or dark, or
-    the wrong hue)."""
+    the wrong hue); ``light_grey`` and ``target_light_grey``, the percent of light grey pixels in the
+    generated view and in its target, whose ratio (:func:`light_grey_ratio`) measures the pale rim."""
     generated, targets = (generated.float().clamp(-1, 1) + 1) / 2, (targets.float().clamp(-1, 1) + 1) / 2
     brightness, chroma = foreground_color_error_parts(generated, targets)
     return {
@@ -72,7 +75,17 @@ def view_scores(generated: torch.Tensor, targets: torch.Tensor) -> dict[str, lis
         "fg_color_error": foreground_color_error(generated, targets).tolist(),
         "fg_brightness_error": brightness.tolist(),
         "fg_chroma_error": chroma.tolist(),
+        "light_grey": light_grey_percent(generated).tolist(),
+        "target_light_grey": light_grey_percent(targets).tolist(),
     }
+
+
+def light_grey_ratio(scores: dict) -> float | None:
+    """Light grey pixels in the generated views over those in their targets, from averaged scores (1: as
+    many as the targets have; the samples' pale rim raises it). None when the targets have none."""
+    if not scores.get("target_light_grey"):
+        return None
+    return scores["light_grey"] / scores["target_light_grey"]
 
 
 def _seed_from(*parts) -> int:

@@ -40,6 +40,9 @@ SSIM_PIXELNERF_WINDOW = 7  # skimage's default win_size, which pixelNeRF's compa
 # leaves on the background does not. The cut sits half a level below 240 so that 8-bit values that went
 # through [-1, 1] and back never land on it. An object painted near-white is partly invisible to it.
 FOREGROUND_THRESHOLD = 239.5 / 255
+# The palest foreground: a pixel whose darkest channel is 208-238 of 255. Samples of an unsure model draw
+# a rim of such pixels around their objects (docs/results.md#colour-error).
+LIGHT_GREY = (207.5 / 255, 238.5 / 255)
 
 VGG16_FILENAME = "vgg16-397923af.pth"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -147,6 +150,14 @@ def foreground_mask(images: torch.Tensor) -> torch.Tensor:
     those whose darkest channel is below :data:`FOREGROUND_THRESHOLD` (at most 239 of 255).
     Images are clipped to [0, 1] first."""
     return images.float().clamp(0, 1).amin(dim=1) < FOREGROUND_THRESHOLD
+
+
+def light_grey_percent(images: torch.Tensor) -> torch.Tensor:
+    """Per-image share of light grey pixels (darkest channel 208-238 of 255, :data:`LIGHT_GREY`) of
+    ``(N, 3, H, W)`` images in [0, 1], in percent: ``(N,)``. A generated view's value over its target's
+    measures the pale rim that samples draw around objects."""
+    darkest = images.float().clamp(0, 1).amin(dim=1)
+    return 100 * ((darkest >= LIGHT_GREY[0]) & (darkest < LIGHT_GREY[1])).float().mean(dim=(1, 2))
 
 
 def foreground_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -209,12 +209,14 @@ class SODANovelViewPipeline(DiffusionPipeline):
             raise ValueError("target_rays: contains NaN or inf")
         return target_rays
 
-    def prepare_extra_step_kwargs(self, generator, eta: float) -> dict:
-        # Only some schedulers take eta (DDIM) or a generator (stochastic ones).
+    def prepare_extra_step_kwargs(self, generator, eta: float, use_clipped_model_output: bool | None = None) -> dict:
+        # Only some schedulers take eta and use_clipped_model_output (DDIM) or a generator (stochastic ones).
         parameters = inspect.signature(self.scheduler.step).parameters
         kwargs = {}
         if "eta" in parameters:
             kwargs["eta"] = eta
+        if use_clipped_model_output is not None and "use_clipped_model_output" in parameters:
+            kwargs["use_clipped_model_output"] = use_clipped_model_output
         if "generator" in parameters:
             kwargs["generator"] = generator
         return kwargs
@@ -232,6 +234,7 @@ class SODANovelViewPipeline(DiffusionPipeline):
         source_rays: torch.Tensor | None = None,
         eta: float = 0.0,
         latents: torch.Tensor | None = None,
+        use_clipped_model_output: bool | None = None,
     ) -> ImagePipelineOutput | tuple:
         r"""Generate one image per target ray map.
 
@@ -248,6 +251,8 @@ class SODANovelViewPipeline(DiffusionPipeline):
             source_rays: rays of the source views (needed with several views per object).
             eta: DDIM's stochasticity (0: deterministic).
             latents: initial noise ``(N, 3, S, S)`` instead of drawing it from ``generator``.
+            use_clipped_model_output: DDIM's option (as in Diffusers' ``DDIMPipeline``): with the scheduler's
+                ``clip_sample``, derive the step's noise estimate from the clipped clean-image estimate too.
         """
         target_rays = self.check_target_rays(target_rays)
         num_targets = target_rays.shape[0]
@@ -277,7 +282,7 @@ class SODANovelViewPipeline(DiffusionPipeline):
             raise ValueError(f"latents: expected {shape}, got {tuple(latents.shape)}")
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         latents = latents.to(self.device, self.unet.dtype) * self.scheduler.init_noise_sigma
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta, use_clipped_model_output)
 
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(latents, t)

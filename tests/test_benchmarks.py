@@ -37,3 +37,31 @@ def test_the_matmul_peak_is_measured_without_moving_the_global_random_stream():
     peak = matmul_peak_tflops(torch.device("cpu"), size=64, repeats=2)
     assert 0 < peak < 1e4
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_bench_train_runs_the_training_script_with_the_thread_settings_it_is_given(tmp_path, monkeypatch):
+    from soda_diffusers.data import make_synthetic_nmr
+
+    bench = load("bench_train")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert "OMP_WAIT_POLICY" not in bench.run_environment("default")  # the script chooses
+    env = bench.run_environment("OMP_WAIT_POLICY=PASSIVE,GOMP_SPINCOUNT=")
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["GOMP_SPINCOUNT"] == ""
+
+    data = tmp_path / "nmr"
+    make_synthetic_nmr(data, objects_per_category=3, seed=0, categories=["airplane", "car", "chair"])
+    row = bench.bench_run("synthetic-tiny", steps=3, warmup=1, batch=2, data=str(data), workers=0,
+                          cache_dir=str(tmp_path / "stores"), env=env)
+    assert row["samples_per_s"] > 0 and row["peak_rss_mib"] > 0
+    assert row["thread_settings"] == {"source": "user", "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": ""}
+
+
+def test_busy_processes_keep_a_core_busy_only_inside_the_block():
+    from soda_diffusers.threads import cores_in_use
+
+    bench = load("bench_train")
+    with bench.busy_processes(1) as processes:
+        busy = cores_in_use(0.3)
+        assert all(process.poll() is None for process in processes)
+    assert all(process.poll() is not None for process in processes)
+    assert busy is None or busy >= 0.5

@@ -37,6 +37,7 @@ from soda_diffusers.metrics import (
     foreground_color_error,
     foreground_color_error_parts,
     foreground_iou,
+    light_grey_percent,
     psnr,
     ssim,
     ssim_pixelnerf,
@@ -209,7 +210,8 @@ def test_copy_source_scores_what_the_metrics_give_by_hand(nmr, tmp_path):
     direct = {"psnr": psnr, "ssim": ssim, "ssim_pixelnerf": ssim_pixelnerf, "fg_iou": foreground_iou,
               "fg_color_error": foreground_color_error,
               "fg_brightness_error": lambda a, b: foreground_color_error_parts(a, b)[0],
-              "fg_chroma_error": lambda a, b: foreground_color_error_parts(a, b)[1]}
+              "fg_chroma_error": lambda a, b: foreground_color_error_parts(a, b)[1],
+              "light_grey": lambda a, b: light_grey_percent(a), "target_light_grey": lambda a, b: light_grey_percent(b)}
     for obj in objects:
         source_view = chosen[obj["object_id"]]
         targets = torch.cat([obj["images"][:source_view], obj["images"][source_view + 1 :]])

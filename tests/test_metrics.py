@@ -24,6 +24,7 @@ from soda_diffusers.metrics import (
     foreground_color_error_parts,
     foreground_iou,
     foreground_mask,
+    light_grey_percent,
     psnr,
     resize_bilinear_tf1,
     ssim,
@@ -177,6 +178,16 @@ def test_foreground_is_a_darkest_channel_at_most_239_of_255():
         mask = foreground_mask((model_range + 1) / 2)[0, 0]
         assert mask.tolist() == [level <= 239 for level in range(256)]
     assert 239 / 255 < FOREGROUND_THRESHOLD < 240 / 255
+
+
+def test_light_grey_is_a_darkest_channel_from_208_to_238_of_255():
+    levels = torch.arange(256, dtype=torch.uint8)
+    one_channel = torch.full((1, 3, 1, 256), 255, dtype=torch.uint8)
+    one_channel[:, 2] = levels  # one pixel per level of the darkest channel, the others white
+    model_range = one_channel.float() / 127.5 - 1  # through [-1, 1] and back, as generated views come
+    percent = light_grey_percent((model_range + 1) / 2)
+    torch.testing.assert_close(percent, torch.tensor([100 * 31 / 256]))  # levels 208..238
+    assert light_grey_percent(canvas()).item() == 0.0
 
 
 def test_foreground_iou_on_hand_made_masks():

@@ -114,6 +114,19 @@ def test_each_scheduler_runs(tiny_pipeline, scheduler_class):
     assert images.shape == (1, 3, SIZE, SIZE) and torch.isfinite(images).all()
 
 
+def test_use_clipped_model_output_reaches_ddim_and_is_ignored_by_samplers_without_it(tiny_pipeline):
+    rays = orbit_rays([15.0], size=SIZE)
+    # A clip range small enough that the clean-image estimate is clipped at every step.
+    tiny_pipeline.scheduler = DDIMScheduler.from_config({**tiny_pipeline.scheduler.config, "clip_sample": True,
+                                                         "clip_sample_range": 0.05})
+    unclipped_noise = run(tiny_pipeline, source_tensor(), rays)
+    clipped_noise = run(tiny_pipeline, source_tensor(), rays, use_clipped_model_output=True)
+    assert not torch.allclose(unclipped_noise, clipped_noise)
+    torch.testing.assert_close(run(tiny_pipeline, source_tensor(), rays, use_clipped_model_output=False), unclipped_noise)
+    tiny_pipeline.scheduler = DPMSolverMultistepScheduler.from_config(tiny_pipeline.scheduler.config)
+    assert torch.isfinite(run(tiny_pipeline, source_tensor(), rays, use_clipped_model_output=True)).all()
+
+
 def test_save_pretrained_round_trip_reproduces_outputs(tiny_pipeline, tmp_path):
     rays = orbit_rays([15.0, 60.0], size=SIZE)
     expected = run(tiny_pipeline, source_tensor(), rays)
@@ -128,6 +141,11 @@ def test_a_folder_saved_when_each_model_had_its_module_still_loads(tiny_pipeline
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["encoder"] == ["soda_diffusers.models.modeling_soda", "SODAEncoder"]
     index["encoder"][0], index["unet"][0] = "soda_diffusers.models.soda_encoder", "soda_diffusers.models.soda_unet_2d"
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    loaded = SODANovelViewPipeline.from_pretrained(tmp_path)
+    assert type(loaded.encoder) is SODAEncoder and type(loaded.unet) is SODAUNet2DModel
+    # The package itself as the module (its names are imported on first use).
+    index["encoder"][0] = index["unet"][0] = "soda_diffusers"
     (tmp_path / "model_index.json").write_text(json.dumps(index))
     loaded = SODANovelViewPipeline.from_pretrained(tmp_path)
     assert type(loaded.encoder) is SODAEncoder and type(loaded.unet) is SODAUNet2DModel

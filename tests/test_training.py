@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from soda_diffusers import SODANovelViewPipeline
+from soda_diffusers import SODANovelViewPipeline, orbit_rays
 from soda_diffusers.data import make_synthetic_nmr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,6 +147,34 @@ def test_bad_flags_and_missing_checkpoints_are_reported(synthetic, tmp_path):
         train.main(train_flags("", tmp_path, streaming="true"))
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_clean_image_loss_weighting_is_the_error_of_the_implied_clean_image(prediction_type):
+    from diffusers import DDPMScheduler
+
+    from soda_diffusers.schedules import scheduler_config
+
+    train = load_script()
+    config = scheduler_config("cosine")
+    scheduler = DDPMScheduler(beta_schedule=config["beta_schedule"], trained_betas=config["trained_betas"],
+                              prediction_type=prediction_type)
+    generator = torch.Generator().manual_seed(0)
+    clean, noise, prediction = (torch.randn(8, 3, 4, 4, generator=generator) for _ in range(3))
+    timesteps = torch.tensor([0, 10, 100, 300, 500, 700, 900, 999])
+    noisy = scheduler.add_noise(clean, noise, timesteps)
+    alpha = scheduler.alphas_cumprod[timesteps].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - scheduler.alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
+    implied_clean = {"epsilon": (noisy - sigma * prediction) / alpha, "v_prediction": alpha * noisy - sigma * prediction,
+                     "sample": prediction}[prediction_type]
+    target = train.training_target(scheduler, clean, noise, timesteps)
+    error = (prediction - target).square().mean(dim=(1, 2, 3))
+    weights = train.loss_weights(scheduler, timesteps, "clean_image")
+    weighted = error if weights is None else error * weights
+    torch.testing.assert_close(weighted, (implied_clean - clean).square().mean(dim=(1, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert train.loss_weights(scheduler, timesteps, "none") is None
+    with pytest.raises(ValueError, match="--loss_weighting: expected one of"):
+        train.loss_weights(scheduler, timesteps, "snr")
+
+
 def test_schedule_flags_reach_the_saved_pipeline(synthetic, tmp_path):
     # The sampler exported with the model must use the noise schedule and prediction type it was trained with.
     from soda_diffusers.schedules import schedule_name
@@ -156,6 +184,14 @@ def test_schedule_flags_reach_the_saved_pipeline(synthetic, tmp_path):
     assert train.main(flags) == 0
     config = SODANovelViewPipeline.from_pretrained(tmp_path).scheduler.config
     assert config.prediction_type == "epsilon" and schedule_name(config) == "inverted_cosine"
+    # v-prediction with either loss weighting trains, and the saved pipeline samples with it.
+    for weighting in ("none", "clean_image"):
+        out = tmp_path / f"v-{weighting}"
+        assert train.main(train_flags(synthetic, out, steps=2, prediction_type="v_prediction", loss_weighting=weighting)) == 0
+        pipe = SODANovelViewPipeline.from_pretrained(out)
+        assert pipe.scheduler.config.prediction_type == "v_prediction"
+        images = pipe(torch.zeros(3, 32, 32), orbit_rays([15.0], size=32), num_inference_steps=2, output_type="pt").images
+        assert torch.isfinite(images).all()
     with pytest.raises(ValueError, match="schedule: expected one of"):
         train.main(train_flags(synthetic, tmp_path / "bad", noise_schedule="sigmoid"))
 
@@ -196,6 +232,8 @@ def test_a_time_budgeted_run_anneals_its_learning_rate_however_slow_the_steps(sy
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["train_steps"] == len(log)
     assert summary["matmul_dtype"] == "float32" and summary["matmul_tflops_start"] > 0 and summary["matmul_tflops_end"] > 0
+    # OpenMP's waiting, as this process got it (torch came first here, so nothing was chosen).
+    assert summary["thread_settings"]["source"]
 
 
 def test_a_resumed_time_budgeted_run_continues_at_its_saved_fraction(synthetic, tmp_path):
@@ -448,7 +486,10 @@ def test_quickstart_writes_the_report_files_and_evaluate_reproduces_its_numbers(
         assert 0 < result[key]["psnr"] < 100 and -1 <= result[key]["ssim"] <= 1
         assert 0 <= result[key]["fg_iou"] <= 1 and 0 <= result[key]["fg_color_error"] <= 442
     assert (out / "loss.png").is_file() and (out / "report.md").is_file()
-    assert f"matmul ran at {result['matmul_tflops'][0]:.2f} TFLOP/s" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert f"matmul ran at {result['matmul_tflops'][0]:.2f} TFLOP/s" in report
+    assert result["thread_settings"]["source"] and "OpenMP's waiting" in report
+    assert 0 <= result["model"]["light_grey"] <= 100 and "light grey (x targets')" in report
     assert len(list((out / "samples").glob("*-orbit.gif"))) == 2
     assert SODANovelViewPipeline.from_pretrained(out / "pipeline").unet.config.sample_size == 32
 

@@ -38,7 +38,9 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see soda_diffusers/__init__.py
+from soda_diffusers.threads import set_wait_policy
+
+THREAD_SETTINGS = set_wait_policy()  # before torch loads OpenMP (soda_diffusers.threads)
 
 import numpy as np
 import torch
@@ -92,6 +94,7 @@ DEFAULTS = {
     "lr_scheduler": "cosine",
     "lr_warmup_steps": 100,
     "snr_gamma": None,
+    "loss_weighting": "none",
     "timestep_bias_strategy": "none",
     "timestep_bias_multiplier": 1.0,
     "timestep_bias_portion": 0.25,
@@ -406,11 +409,45 @@ def draw_timesteps(generator, batch_size: int, num_timesteps: int, timestep_prob
     return torch.multinomial(timestep_probs, batch_size, replacement=True, generator=generator)
 
 
+LOSS_WEIGHTINGS = ("none", "clean_image")
+
+
+def check_loss_weighting(loss_weighting: str) -> None:
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"--loss_weighting: expected one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
+
+
+def loss_weights(noise_scheduler, timesteps, loss_weighting: str = "none", snr_gamma: float | None = None):
+    """Per-sample weights of the prediction's squared error, or None for weight 1 (``loss_weighting``
+    ``none``: the error of what the U-Net predicts). ``clean_image`` weighs it so that the loss is the
+    error of the clean image the prediction implies, whatever the prediction type: ``1 / SNR`` for the
+    noise, ``1 / (1 + SNR)`` for v. ``snr_gamma``: min-SNR-gamma weighting (Hang et al. 2023), in the form
+    each prediction type needs."""
+    check_loss_weighting(loss_weighting)
+    prediction_type = noise_scheduler.config.prediction_type
+    if not snr_gamma and (loss_weighting == "none" or prediction_type == "sample"):
+        return None
+    snr = compute_snr(noise_scheduler, timesteps)
+    weight = torch.ones_like(snr)
+    if loss_weighting == "clean_image" and prediction_type == "epsilon":
+        weight = 1 / snr
+    elif loss_weighting == "clean_image" and prediction_type == "v_prediction":
+        weight = 1 / (1 + snr)
+    if snr_gamma:
+        gamma = torch.clamp(snr, max=snr_gamma)
+        if prediction_type == "epsilon":
+            gamma = gamma / snr
+        elif prediction_type == "v_prediction":
+            gamma = gamma / (snr + 1)
+        weight = weight * gamma
+    return weight
+
+
 def diffusion_loss(encoder, unet, noise_scheduler, batch, timestep_generator, noise_generator, snr_gamma=None,
-                   timestep_probs=None):
+                   timestep_probs=None, loss_weighting="none"):
     """Denoising loss of one batch; timesteps (uniform, or drawn with probabilities ``timestep_probs``)
     from ``timestep_generator``, noise from ``noise_generator``: two streams, so neither quantity
-    is tied to the other (or to the batch's objects)."""
+    is tied to the other (or to the batch's objects). Weighted by :func:`loss_weights`."""
     clean = batch["target_image"]
     timesteps = draw_timesteps(timestep_generator, clean.shape[0], noise_scheduler.config.num_train_timesteps,
                                timestep_probs).to(clean.device)
@@ -420,14 +457,8 @@ def diffusion_loss(encoder, unet, noise_scheduler, batch, timestep_generator, no
     prediction = unet(noisy, timesteps, batch["target_rays"], z).sample
     target = training_target(noise_scheduler, clean, noise, timesteps)
     loss = (prediction.float() - target.float()).square().mean(dim=(1, 2, 3))
-    if snr_gamma:
-        # Min-SNR-gamma weighting (Hang et al. 2023), in the form each prediction type needs.
-        snr = compute_snr(noise_scheduler, timesteps)
-        weight = torch.clamp(snr, max=snr_gamma)
-        if noise_scheduler.config.prediction_type == "epsilon":
-            weight = weight / snr
-        elif noise_scheduler.config.prediction_type == "v_prediction":
-            weight = weight / (snr + 1)
+    weight = loss_weights(noise_scheduler, timesteps, loss_weighting, snr_gamma)
+    if weight is not None:
         loss = loss * weight
     return loss.mean()
 
@@ -436,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (user/repo)")  # before training, not after
+    check_loss_weighting(args.loss_weighting)  # before training, not at its first step
     if args.streaming and not args.data:
         raise ValueError("--streaming needs --data: a Hub dataset id or a folder of Parquet files (data/<split>-*.parquet)")
     if args.torch_threads:
@@ -593,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
             loss = diffusion_loss(
                 encoder, unet, noise_scheduler, batch, stream_generator(args.seed, step, rank, "timesteps"),
                 stream_generator(args.seed, step, rank, "noise"), args.snr_gamma, timestep_probs,
+                args.loss_weighting,
             )
         finite = accelerator.gather(torch.isfinite(loss.detach()).float()[None]).min() > 0
         if not finite:
@@ -676,7 +709,8 @@ def main(argv: list[str] | None = None) -> int:
         final.save_pretrained(output_dir)
         summary = {"train_steps": step, "train_seconds": round(train_seconds, 1), "data": data_path(args),
                    "preset": args.preset, "batch_size": args.train_batch_size, "processes": accelerator.num_processes,
-                   "hardware": describe_hardware(accelerator), "parameter_checksums": checksums,
+                   "hardware": describe_hardware(accelerator), "thread_settings": THREAD_SETTINGS,
+                   "parameter_checksums": checksums,
                    "first_step_at": first_step_at, "first_step_s": first_step_seconds,
                    # The machine's speed at both ends: steps and scores compare across runs beside it.
                    "matmul_dtype": str(matmul_dtype).removeprefix("torch."),

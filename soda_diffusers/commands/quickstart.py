@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from soda_diffusers.evaluation import VIEW_METRICS
+from soda_diffusers.evaluation import VIEW_METRICS, light_grey_ratio
 
 TRAINING_SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train_soda.py"
 
@@ -111,6 +111,7 @@ def evaluate_quickstart(out: Path, summary: dict, num_objects: int, split: str =
         train_seconds=summary["train_seconds"],
         matmul_dtype=summary["matmul_dtype"],
         matmul_tflops=[summary["matmul_tflops_start"], summary["matmul_tflops_end"]],
+        thread_settings=summary.get("thread_settings"),
         sampling_seconds=round(sampling_seconds, 1),
         num_inference_steps=nvs["settings"]["num_inference_steps"],
         scheduler=nvs["settings"]["scheduler"],
@@ -162,6 +163,18 @@ def write_samples(out: Path, data: str, size: int, split: str) -> list[tuple[str
     return shown
 
 
+def describe_thread_settings(settings: dict | None) -> str:
+    """``{"source": "user", "OMP_WAIT_POLICY": "PASSIVE"}`` -> ``OMP_WAIT_POLICY=PASSIVE (user)``."""
+    if not settings:
+        return "not recorded"
+    variables = " ".join(f"{name}={value}" for name, value in settings.items() if name != "source")
+    return f"{variables} ({settings['source']})" if variables else settings["source"]
+
+
+def describe_ratio(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}"
+
+
 def write_report(out: Path, result: dict, objects: list[tuple[str, int]]) -> None:
     model = result["model"]
     best_baseline = max(result["copy_source"]["psnr"], result["mean_image"]["psnr"])
@@ -170,17 +183,20 @@ def write_report(out: Path, result: dict, objects: list[tuple[str, int]]) -> Non
         "",
         f"Trained {result['train_steps']} steps in {result['train_seconds'] / 60:.1f} min, on a machine whose dense "
         f"{result['matmul_dtype']} matmul ran at {result['matmul_tflops'][0]:.2f} TFLOP/s at the start and "
-        f"{result['matmul_tflops'][1]:.2f} at the end (the steps, and so the scores, follow that speed); "
+        f"{result['matmul_tflops'][1]:.2f} at the end (the steps, and so the scores, follow that speed), "
+        f"OpenMP's waiting {describe_thread_settings(result['thread_settings'])}; "
         f"{result['objects']} held-out objects ({result['split']} split), one source view each (the data's view "
         f"list), the 23 other views as targets, {result['scheduler']} with {result['num_inference_steps']} steps "
         f"(sampling took {result['sampling_seconds']:.0f} s). The same numbers come from "
         f"`{result['evaluate_command']}`.",
         "",
-        "| method | PSNR (dB) | SSIM | SSIM (pixelNeRF) | FG IoU | FG colour error | brightness | chroma |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | PSNR (dB) | SSIM | SSIM (pixelNeRF) | FG IoU | FG colour error | brightness | chroma "
+        "| light grey (x targets') |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *[f"| {label} | {result[key]['psnr']:.2f} | {result[key]['ssim']:.3f} | {result[key]['ssim_pixelnerf']:.3f} | "
           f"{result[key]['fg_iou']:.3f} | {result[key]['fg_color_error']:.1f} | "
-          f"{result[key]['fg_brightness_error']:.1f} | {result[key]['fg_chroma_error']:.1f} |"
+          f"{result[key]['fg_brightness_error']:.1f} | {result[key]['fg_chroma_error']:.1f} | "
+          f"{describe_ratio(light_grey_ratio(result[key]))} |"
           for key, label in METHODS],
         "",
         f"- Against the best baseline: {model['psnr'] - best_baseline:+.2f} dB PSNR; against copying the source: "
@@ -190,7 +206,8 @@ def write_report(out: Path, result: dict, objects: list[tuple[str, int]]) -> Non
         "- FG IoU: overlap of the object's silhouette with the target's (foreground: pixels not near white); "
         "FG colour error: distance between the mean object colours, 0-255 RGB (lower is better), split into "
         "its brightness part (along the grey axis: shading, or a pale rim drawn around the object) and its "
-        "chroma part (the hue).",
+        "chroma part (the hue); light grey: the pale pixels (darkest channel 208-238 of 255) in the views "
+        "over those in the targets, where a rim drawn around the object shows.",
         f"- The one-step estimate scores {result['one_step']['psnr'] - model['psnr']:+.2f} dB against the samples: "
         "PSNR rewards the mean of the plausible views, and a sample, sharp but wrong in detail, pays for the "
         "uncertainty left about the unseen sides.",
