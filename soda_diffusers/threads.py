@@ -49,8 +49,9 @@ def cores_in_use(seconds: float = SAMPLE_SECONDS) -> float | None:
 
 def set_wait_policy(busy_cores: float | None = None) -> dict:
     """Choose OpenMP's waiting for this process (see the module docstring), unless the user set it or
-    torch is already loaded, and return the choice (:func:`wait_policy`). Call it before importing torch;
-    a second call returns the first one's choice. ``busy_cores`` replaces the measurement (tests)."""
+    torch is already loaded, and return the choice for reports: ``source`` and the variables of
+    :data:`THREAD_VARIABLES` in force. Call it before importing torch; a later call returns the first
+    one's choice. ``busy_cores`` replaces the measurement (tests)."""
     global _chosen
     if _chosen is None:
         user_set = {name: os.environ[name] for name in THREAD_VARIABLES if name in os.environ}
@@ -67,13 +68,4 @@ def set_wait_policy(busy_cores: float | None = None) -> dict:
             else:
                 state = "unknown" if busy is None else f"{busy:.1f} cores busy"
                 _chosen = {"source": f"soda-diffusers: OpenMP's default, {state} at start"}
-    return wait_policy()
-
-
-def wait_policy() -> dict:
-    """What this process's OpenMP threads were told, and by whom, for reports: ``source`` and the
-    variables of :data:`THREAD_VARIABLES` in force."""
-    if _chosen is not None:
-        return dict(_chosen)
-    settings = {name: os.environ[name] for name in THREAD_VARIABLES if name in os.environ}
-    return {"source": "user" if settings else "OpenMP's default", **settings}
+    return dict(_chosen)

@@ -67,7 +67,7 @@ def test_the_cli_chooses_before_its_commands_load_torch():
         "torch_at_start = 'torch' in sys.modules\n"
         "with contextlib.redirect_stdout(io.StringIO()): cli.main([])\n"
         "print(json.dumps({'torch_at_start': torch_at_start, 'torch_after': 'torch' in sys.modules, "
-        "'choice': threads.wait_policy()}))"
+        "'choice': threads.set_wait_policy(busy_cores=2.0)}))"
     )
     assert found["torch_at_start"] is False and found["torch_after"] is True
     assert found["choice"]["source"].startswith("soda-diffusers")

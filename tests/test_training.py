@@ -150,6 +150,7 @@ def test_bad_flags_and_missing_checkpoints_are_reported(synthetic, tmp_path):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_clean_image_loss_weighting_is_the_error_of_the_implied_clean_image(prediction_type):
     from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
 
     from soda_diffusers.schedules import scheduler_config
 
@@ -171,6 +172,11 @@ def test_clean_image_loss_weighting_is_the_error_of_the_implied_clean_image(pred
     weighted = error if weights is None else error * weights
     torch.testing.assert_close(weighted, (implied_clean - clean).square().mean(dim=(1, 2, 3)), rtol=1e-4, atol=1e-5)
     assert train.loss_weights(scheduler, timesteps, "none") is None
+    # Min-SNR-gamma: the same clean-image error, weighted by min(SNR, gamma), with or without clean_image.
+    min_snr = (implied_clean - clean).square().mean(dim=(1, 2, 3)) * compute_snr(scheduler, timesteps).clamp(max=5.0)
+    for weighting in ("none", "clean_image"):
+        torch.testing.assert_close(error * train.loss_weights(scheduler, timesteps, weighting, snr_gamma=5.0), min_snr,
+                                   rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="--loss_weighting: expected one of"):
         train.loss_weights(scheduler, timesteps, "snr")
 

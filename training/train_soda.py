@@ -420,26 +420,16 @@ def check_loss_weighting(loss_weighting: str) -> None:
 def loss_weights(noise_scheduler, timesteps, loss_weighting: str = "none", snr_gamma: float | None = None):
     """Per-sample weights of the prediction's squared error, or None for weight 1 (``loss_weighting``
     ``none``: the error of what the U-Net predicts). ``clean_image`` weighs it so that the loss is the
-    error of the clean image the prediction implies, whatever the prediction type: ``1 / SNR`` for the
-    noise, ``1 / (1 + SNR)`` for v. ``snr_gamma``: min-SNR-gamma weighting (Hang et al. 2023), in the form
-    each prediction type needs."""
+    error of the clean image the prediction implies: ``1 / SNR`` for the noise, ``1 / (1 + SNR)`` for v.
+    ``snr_gamma``: min-SNR-gamma (Hang et al. 2023), that clean-image error weighted by ``min(SNR, gamma)``."""
     check_loss_weighting(loss_weighting)
     prediction_type = noise_scheduler.config.prediction_type
     if not snr_gamma and (loss_weighting == "none" or prediction_type == "sample"):
         return None
     snr = compute_snr(noise_scheduler, timesteps)
-    weight = torch.ones_like(snr)
-    if loss_weighting == "clean_image" and prediction_type == "epsilon":
-        weight = 1 / snr
-    elif loss_weighting == "clean_image" and prediction_type == "v_prediction":
-        weight = 1 / (1 + snr)
+    weight = {"epsilon": 1 / snr, "v_prediction": 1 / (snr + 1)}.get(prediction_type, torch.ones_like(snr))
     if snr_gamma:
-        gamma = torch.clamp(snr, max=snr_gamma)
-        if prediction_type == "epsilon":
-            gamma = gamma / snr
-        elif prediction_type == "v_prediction":
-            gamma = gamma / (snr + 1)
-        weight = weight * gamma
+        weight = weight * snr.clamp(max=snr_gamma)
     return weight
 
 
