@@ -1,4 +1,4 @@
-"""Throughput of the NVS evaluation (``soda_diffusers.evaluate_nvs.run_nvs``): objects per second, each object
+"""Throughput of the NVS evaluation (``soda_diffusers.evaluation.runner.run_nvs``): objects per second, each object
 being 23 target views generated from one source view and scored (every metric of the protocol; the
 baselines, which ``soda-nvs evaluate`` adds, are left out), for several numbers of objects per pipeline call.
 
@@ -21,7 +21,7 @@ import torch
 
 from soda_diffusers import SODANovelViewPipeline
 from soda_diffusers.data import NMR_CATEGORIES, NMRObjects, make_synthetic_nmr
-from soda_diffusers.evaluate_nvs import run_nvs
+from soda_diffusers.evaluation.runner import run_nvs
 from soda_diffusers.schedules import set_scheduler
 
 

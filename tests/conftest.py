@@ -45,8 +45,7 @@ TINY_ENCODER = dict(
 )
 TINY_UNET = dict(
     sample_size=TINY_SIZE, block_out_channels=(8, 16), layers_per_block=1, latent_dim=12, norm_num_groups=4,
-    attention_resolutions=(8,), attention_head_dim=8, layerwise_modulation=True, layer_mask_prob=0.2,
-    z_drop_prob=0.1, ray_fourier_features=4,
+    attention_resolutions=(8,), attention_head_dim=8, layerwise_modulation=True, ray_fourier_features=4,
 )
 
 

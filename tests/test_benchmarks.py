@@ -39,6 +39,7 @@ def test_the_matmul_peak_is_measured_without_moving_the_global_random_stream():
     assert torch.equal(torch.rand(4), expected)
 
 
+@pytest.mark.slow
 def test_bench_train_runs_the_training_script_with_the_thread_settings_it_is_given(tmp_path, monkeypatch):
     from soda_diffusers.data import make_synthetic_nmr
 

@@ -12,7 +12,7 @@ from soda_diffusers.cameras import (
     orbit_rays,
     view_matrices,
 )
-from soda_diffusers.ray_encoding import RayEncoding, ray_encoding_channels
+from soda_diffusers.models.modeling_soda import RayEncoding, ray_encoding_channels
 
 
 def test_nmr_rig_matches_the_dataset_conventions():

@@ -124,6 +124,7 @@ def test_the_real_orbit_starts_at_the_source_view_and_its_cameras_are_the_object
     torch.testing.assert_close(rays, orbit_rays(orbit_azimuths(), size=TINY_SIZE), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_the_demo_imports_and_explains_itself_without_gradio():
     code = (
         "import sys; sys.modules['gradio'] = None\n"
@@ -230,6 +231,7 @@ def served_demo(request, tmp_path_factory):
     stop(server, log)
 
 
+@pytest.mark.slow
 def test_in_a_browser_generate_shows_a_view_and_a_bad_upload_an_error(served_demo):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -16,7 +16,7 @@ from torch import nn
 from soda_diffusers import orbit_rays
 from soda_diffusers.cli import main as cli_main
 from soda_diffusers.data import NMRObjects, make_synthetic_nmr
-from soda_diffusers.evaluate_nvs import (
+from soda_diffusers.evaluation.runner import (
     BASELINES,
     NVS_METRICS,
     NVS_RECORDS_FILE,
@@ -28,7 +28,7 @@ from soda_diffusers.evaluate_nvs import (
     run_nvs,
     select_objects,
 )
-from soda_diffusers.evaluation import generate_views_per_seed, view_seeds
+from soda_diffusers.evaluation.views import generate_views_per_seed, view_seeds
 from soda_diffusers.metrics import (
     LPIPS,
     PSNR_MAX,
@@ -332,6 +332,28 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(test_objects, tmp_pa
 
     with pytest.raises(ValueError, match="num_inference_steps"):
         run_nvs(pipe, test_objects, out, **{**options, "num_inference_steps": 3})
+
+
+def test_a_pipeline_loaded_from_an_export_keeps_its_name_and_its_evaluation_resumes(saved_pipeline, test_objects, tmp_path):
+    # Exported folders load through a temporary mirror; the pipeline must still name the folder the user
+    # gave, or the evaluation's resume settings would name a deleted temporary folder and refuse to resume.
+    from soda_diffusers import SODANovelViewPipeline
+
+    export = tmp_path / "export"
+    assert cli_main(["push", "--pipeline", str(saved_pipeline), "--repo-id", "someone/tiny", "--dry-run", str(export)]) == 0
+    assert isinstance(json.loads((export / "model_index.json").read_text())["_class_name"], list)  # bundled code
+    first = SODANovelViewPipeline.from_pretrained(export)
+    assert first.name_or_path == str(export) and first.unet.config._name_or_path == str(export / "unet")
+    options = dict(num_inference_steps=2, batch_objects=3, progress=False, baselines=("copy_source",))
+    records = run_nvs(first, test_objects, tmp_path / "eval", **options)
+    calls = []
+
+    def generate(*args, **kwargs):
+        calls.append(1)
+        return generate_views_per_seed(*args, **kwargs)
+
+    again = run_nvs(SODANovelViewPipeline.from_pretrained(export), test_objects, tmp_path / "eval", generate=generate, **options)
+    assert calls == [] and [r["psnr"] for r in again] == [r["psnr"] for r in records]
 
 
 def test_the_costly_baseline_can_be_skipped(test_objects, tmp_path):

@@ -4,8 +4,12 @@ its option choice and its offline wheel install."""
 import importlib.util
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -46,7 +50,8 @@ def test_the_dry_run_of_both_stages_leaves_what_a_gpu_run_sends_back(gpu_check, 
 
     summary = (out / "summary.md").read_text()
     assert "| | nmr-32 | nmr-64 |" in summary
-    assert "`pytest tests/test_gpu.py -ra`: 4 skipped" in summary  # no CUDA here: every GPU test skips
+    assert "`pytest tests/test_gpu.py -ra`: 6 skipped" in summary  # no CUDA here: every GPU test skips
+    assert "## Stage 0" in summary and "Ready in" in summary
     assert summary.count("| soda-tiny | none |") == 2 and "Failed" not in summary
     for run in ("nmr-32", "nmr-64"):
         nvs = json.loads((out / f"metrics-{run}.json").read_text())["nvs"]
@@ -128,3 +133,72 @@ def test_a_step_out_of_time_is_stopped_with_its_children(gpu_check, tmp_path):
     assert gpu_check.time.monotonic() - start < 30
     assert code != 0 and "started" in tail
     assert check.failures == [f"sleeper (exit code {code} (stopped: out of time))"]
+
+
+def test_the_ema_decay_fits_the_steps_the_run_will_take():
+    gpu_check = load_gpu_check()
+    assert gpu_check.fitting_ema_decay(0.9999, 200_000) == 0.9999
+    assert gpu_check.fitting_ema_decay(0.9999, 5_000) == 0.999  # a 10,000-step window in 5,000 steps: mostly the start
+    assert gpu_check.fitting_ema_decay(0.9999, 500) == 0.99
+    assert gpu_check.fitting_ema_decay(0.9999, None) == 0.999
+    assert gpu_check.fitting_ema_decay(0.995, 100_000) == 0.995
+
+
+def dry_args(tmp_path, *extra):
+    return ["--dry-run", "--stage", "1", "--work", str(tmp_path / "work"), "--wheels", str(tmp_path / "wheels"),
+            "--out", str(tmp_path / "out"), *extra]
+
+
+def test_a_wheel_that_fails_to_install_stops_the_command_at_stage_0_and_says_why(gpu_check, tmp_path):
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / "soda_broken_probe-1.0-py3-none-any.whl").write_bytes(b"not a zip archive")
+    assert gpu_check.main(dry_args(tmp_path)) == 1
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "stage 0: installing the wheels" in summary and "soda_broken_probe-1.0-py3-none-any.whl" in summary
+    assert "## Stage 0" in summary and "## Tests" not in summary
+    assert "soda_broken_probe" in (tmp_path / "out" / "log.txt").read_text()  # pip's own words are in the log
+    assert not (tmp_path / "work" / "results" / "nmr-32").exists()
+
+
+@pytest.mark.slow
+def test_a_child_that_hangs_is_stopped_at_its_timeout_and_what_finished_is_published(gpu_check, tmp_path, monkeypatch):
+    def quick_tests(check, timeout=None):
+        (check.results / "tests.json").write_text(json.dumps({"exit_code": 0, "summary": "6 skipped in 0.1s"}))
+
+    def quick_bench(check, config, size, json_path):
+        bench = {"batch": 2, "sample_batch": 1, "rows": [], "table": ["| preset | option |", "| quick | none |"]}
+        return ["-c", f"import json; json.dump({bench!r}, open({str(json_path)!r}, 'w'))"]
+
+    def hanging_training(*args, **kwargs):
+        return ["-c", "import time; print('training', flush=True); time.sleep(600)"]
+
+    monkeypatch.setattr(gpu_check, "run_tests", quick_tests)
+    monkeypatch.setattr(gpu_check, "bench_argv", quick_bench)
+    monkeypatch.setattr(gpu_check, "train_argv", hanging_training)
+    start = time.monotonic()
+    assert gpu_check.main(dry_args(tmp_path, "--minutes", "0.02", "--train-grace", "2")) == 1
+    assert time.monotonic() - start < 60
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "train nmr-32 (exit code -9 (stopped: out of time))" in summary
+    assert "6 skipped in 0.1s" in summary and "| quick | none |" in summary
+    record = json.loads((tmp_path / "work" / "results" / "nmr-32" / "run.json").read_text())
+    assert record["timings_s"]["train"] < 10 and "evaluate" in record["timings_s"]
+
+
+@pytest.mark.slow
+def test_a_command_killed_part_way_leaves_the_summary_of_what_finished(tmp_path):
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), *dry_args(tmp_path)],
+                               cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    # Killed (SIGKILL: nothing runs after it) once the bench is published, while the training runs.
+    while not ((out / "summary.md").is_file() and "## Benchmarks" in (out / "summary.md").read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, "the dry run ended before the bench was published"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    summary = (out / "summary.md").read_text()
+    assert "## Stage 0" in summary and "6 skipped" in summary and "| soda-tiny | none |" in summary
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        assert "results/nmr-32/bench.json" in tar.getnames()

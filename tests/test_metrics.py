@@ -9,7 +9,7 @@ from conftest import TinyFeatures
 from scipy import ndimage
 from torch import nn
 
-from soda_diffusers.evaluation import VIEW_METRICS, view_scores
+from soda_diffusers.evaluation.views import VIEW_METRICS, view_scores
 from soda_diffusers.metrics import (
     FOREGROUND_THRESHOLD,
     LPIPS,

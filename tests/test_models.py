@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from conftest import TINY_ENCODER, TINY_UNET, randomize_
@@ -85,30 +87,47 @@ def test_layerwise_modulation_routes_chunks_to_levels():
         assert not torch.allclose(base, unet(sample, 10, rays, z_mid).sample)
 
 
-def test_z_dropout_and_layer_masking_act_in_training_only():
-    unet = randomize_(SODAUNet2DModel(**dict(TINY_UNET, z_drop_prob=0.5, layer_mask_prob=0.5)))
-    z = torch.ones(4000, 12)
-    torch.manual_seed(0)
-    dropped = unet.drop_latents(z)
-    whole = (dropped == 0).all(dim=1).float().mean()
-    per_entry = (dropped == 0).float().mean()
-    # P(all dropped) = 0.5 + 0.5 * 0.5^3; P(entry dropped) = 0.5 + 0.5 * 0.5.
-    assert whole == pytest.approx(0.5625, abs=0.03)
-    assert per_entry == pytest.approx(0.75, abs=0.03)
-    # Chunks are dropped as wholes.
-    for chunk in dropped.split(unet.z_chunk_sizes, dim=1):
-        assert ((chunk == 0).all(1) | (chunk == 1).all(1)).all()
+def test_train_mode_samples_as_eval_mode_and_configs_with_the_old_dropout_keys_still_load(tmp_path):
+    # The dropout of z lives in the training script now; a config saved with it (z_drop_prob, layer_mask_prob)
+    # loads, the keys ignored, and the model gives what it gave.
+    unet = randomize_(SODAUNet2DModel(**TINY_UNET))
     sample, rays, latent = tiny_inputs()
-    unet.eval()
     with torch.no_grad():
-        torch.testing.assert_close(unet(sample, 3, rays, latent).sample, unet(sample, 3, rays, latent).sample)
+        expected = unet.eval()(sample, 3, rays, latent).sample
+        torch.testing.assert_close(unet.train()(sample, 3, rays, latent).sample, expected)
+    unet.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "z_drop_prob" not in config and "layer_mask_prob" not in config
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, z_drop_prob=0.1, layer_mask_prob=0.2)))
+    loaded = SODAUNet2DModel.from_pretrained(tmp_path).eval()
+    assert "z_drop_prob" not in loaded.config
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(sample, 3, rays, latent).sample, expected)
+
+
+def test_attention_processors_are_exposed_and_swappable():
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    unet = randomize_(SODAUNet2DModel(**dict(TINY_UNET, cross_attention_resolutions=(16,), latent_tokens=3))).eval()
+    processors = unet.attn_processors
+    # One self-attention layer per block at 8 px (down, middle, up) and one cross-attention per block at 16 px.
+    assert len(processors) > 2 and all(name.endswith(".processor") for name in processors)
+    assert all(isinstance(p, AttnProcessor2_0) for p in processors.values())
+    sample, rays, latent = tiny_inputs()
+    with torch.no_grad():
+        expected = unet(sample, 3, rays, latent).sample
+        unet.set_attn_processor(AttnProcessor())
+        assert all(isinstance(p, AttnProcessor) for p in unet.attn_processors.values())
+        torch.testing.assert_close(unet(sample, 3, rays, latent).sample, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="number of attention layers"):
+        unet.set_attn_processor({"one.processor": AttnProcessor()})
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     sample, rays, z = tiny_inputs()
     grads = []
     for checkpointing in (False, True):
-        unet = randomize_(SODAUNet2DModel(**dict(TINY_UNET, z_drop_prob=0.0, layer_mask_prob=0.0)))
+        unet = randomize_(SODAUNet2DModel(**TINY_UNET))
         if checkpointing:
             unet.enable_gradient_checkpointing()
         unet(sample, 7, rays, z).sample.square().mean().backward()
@@ -223,7 +242,7 @@ def test_batch_latent_norm_standardises_each_latent_dimension():
 
 def test_gradients_reach_the_encoder_through_z():
     encoder = randomize_(SODAEncoder(**TINY_ENCODER))
-    unet = randomize_(SODAUNet2DModel(**dict(TINY_UNET, z_drop_prob=0.0, layer_mask_prob=0.0)))
+    unet = randomize_(SODAUNet2DModel(**TINY_UNET))
     sample, rays, _ = tiny_inputs()
     source = torch.rand(2, 3, 16, 16) * 2 - 1
     unet(sample, 100, rays, encoder(source)).sample.square().mean().backward()

@@ -80,7 +80,7 @@ def test_streams_are_distinct_and_reproducible():
     assert len({stream_seed(seed, step, rank, "views") for seed in (0, 1) for step in (0, 1) for rank in (0, 1)}) == 8
     assert all(0 <= seed < 2**63 for seed in seeds)
     with pytest.raises(ValueError, match="stream"):
-        stream_seed(0, 0, 0, "dropout")
+        stream_seed(0, 0, 0, "brightness")
 
 
 def test_a_step_batch_is_a_pure_function_of_seed_step_and_rank(store):

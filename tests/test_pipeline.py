@@ -77,8 +77,8 @@ def test_guidance_scale_one_is_the_conditional_model(tiny_pipeline):
     assert all(c.shape[0] == 1 and c.abs().sum() > 0 for c in calls)
     calls.clear()
     guided = run(pipe, source_tensor(), rays, guidance_scale=3.0, num_inference_steps=2)
-    # Guidance runs the conditional and the unconditional (z dropped) branch in one batch.
-    assert all(c.shape[0] == 2 and c[1].abs().sum() == 0 and c[0].abs().sum() > 0 for c in calls)
+    # Guidance runs the unconditional (z dropped) and the conditional branch in one batch, in Diffusers' order.
+    assert all(c.shape[0] == 2 and c[0].abs().sum() == 0 and c[1].abs().sum() > 0 for c in calls)
     assert not torch.allclose(guided_one, guided)
 
 
@@ -101,6 +101,93 @@ def test_guidance_combines_the_two_branches_linearly(tiny_pipeline):
     pipe.scheduler.step = spy
     pipe(source_tensor(), rays, num_inference_steps=1, guidance_scale=2.5, latents=noise, output_type="pt")
     torch.testing.assert_close(seen["output"], unconditional + 2.5 * (conditional - unconditional), atol=1e-4, rtol=0)
+
+
+def test_several_images_per_target_come_consecutively_and_each_is_its_own_call(tiny_pipeline):
+    rays = orbit_rays([15.0, 30.0], size=SIZE)
+    seeds = [[3, 4, 5], [6, 7, 8]]
+    generators = [torch.Generator().manual_seed(seed) for per_target in seeds for seed in per_target]
+    images = tiny_pipeline(source_tensor(), rays, num_inference_steps=3, num_images_per_target=3, generator=generators,
+                           output_type="pt").images
+    assert images.shape == (6, 3, SIZE, SIZE)
+    for target, per_target in enumerate(seeds):
+        for k, seed in enumerate(per_target):
+            single = run(tiny_pipeline, source_tensor(), rays[target : target + 1], seed=seed, num_inference_steps=3)
+            torch.testing.assert_close(images[3 * target + k : 3 * target + k + 1], single, atol=1e-4, rtol=0)
+    assert run(tiny_pipeline, source_tensor(), rays, num_images_per_target=2, guidance_scale=2.0).shape[0] == 4
+    with pytest.raises(ValueError, match=r"one generator per image \(2 targets x 3 = 6\), got 2"):
+        tiny_pipeline(source_tensor(), rays, num_images_per_target=3, generator=generators[:2])
+    with pytest.raises(ValueError, match="num_images_per_target: expected a positive integer"):
+        tiny_pipeline(source_tensor(), rays, num_images_per_target=0)
+
+
+def test_custom_timesteps_replace_the_scheduler_spacing(tiny_pipeline):
+    rays = orbit_rays([15.0], size=SIZE)
+    tiny_pipeline.scheduler = DDPMScheduler.from_config(tiny_pipeline.scheduler.config)
+    tiny_pipeline.scheduler.set_timesteps(4)
+    spaced = tiny_pipeline.scheduler.timesteps.tolist()
+    torch.testing.assert_close(run(tiny_pipeline, source_tensor(), rays, timesteps=spaced),
+                               run(tiny_pipeline, source_tensor(), rays, num_inference_steps=4))
+    custom = run(tiny_pipeline, source_tensor(), rays, timesteps=[999, 900, 500, 100, 0])
+    assert tiny_pipeline.num_timesteps == 5 and tiny_pipeline.scheduler.timesteps.tolist() == [999, 900, 500, 100, 0]
+    assert not torch.allclose(custom, run(tiny_pipeline, source_tensor(), rays, num_inference_steps=4))
+    tiny_pipeline.scheduler = DDIMScheduler.from_config(tiny_pipeline.scheduler.config)
+    with pytest.raises(ValueError, match="DDIMScheduler does not take a custom timestep schedule"):
+        run(tiny_pipeline, source_tensor(), rays, timesteps=[999, 0])
+
+
+def test_callback_on_step_end_sees_and_replaces_tensors_and_can_interrupt(tiny_pipeline):
+    rays = orbit_rays([15.0, 30.0], size=SIZE)
+    seen = []
+
+    def record(pipe, i, t, tensors):
+        seen.append((i, int(t), sorted(tensors), tensors["z"].shape))
+        return {"latents": torch.zeros_like(tensors["latents"])} if i == pipe.num_timesteps - 1 else {}
+
+    images = run(tiny_pipeline, source_tensor(), rays, callback_on_step_end=record,
+                 callback_on_step_end_tensor_inputs=["latents", "z"])
+    assert [row[0] for row in seen] == [0, 1, 2, 3] and [row[1] for row in seen] == tiny_pipeline.scheduler.timesteps.tolist()
+    assert all(row[2] == ["latents", "z"] and row[3] == (2, 12) for row in seen)
+    torch.testing.assert_close(images, torch.full_like(images, 0.5))  # zero latents are mid-grey
+
+    steps = []
+
+    def stop_after_two(pipe, i, t, tensors):
+        steps.append(i)
+        pipe._interrupt = i == 1
+        return {}
+
+    interrupted = run(tiny_pipeline, source_tensor(), rays, callback_on_step_end=stop_after_two)
+    assert steps == [0, 1] and not torch.allclose(interrupted, run(tiny_pipeline, source_tensor(), rays))
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs: expected names from \['latents', 'z'\]"):
+        run(tiny_pipeline, source_tensor(), rays, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["noise"])
+
+
+def test_inputs_are_checked_before_any_work_and_latents_are_prepared_in_one_place(tiny_pipeline):
+    rays = orbit_rays([15.0], size=SIZE)
+    for kwargs, match in ((dict(output_type="latent"), "output_type"), (dict(num_inference_steps=0), "num_inference_steps"),
+                          (dict(latents=torch.zeros(2, 3, SIZE, SIZE)), r"latents: expected \(1, 3, 16, 16\)")):
+        with pytest.raises(ValueError, match=match):
+            tiny_pipeline(source_tensor(), rays, **kwargs)
+    noise = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(tiny_pipeline.prepare_latents(1, torch.float32, torch.device("cpu"), None, noise),
+                               noise * tiny_pipeline.scheduler.init_noise_sigma)
+    drawn = tiny_pipeline.prepare_latents(2, torch.float32, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert drawn.shape == (2, 3, SIZE, SIZE)
+
+
+def test_the_image_processor_prepares_sources_and_formats_outputs(tiny_pipeline):
+    from diffusers.image_processor import VaeImageProcessor
+
+    from soda_diffusers.pipeline_soda_novel_view import SODAImageProcessor
+
+    processor = tiny_pipeline.image_processor
+    assert isinstance(processor, SODAImageProcessor) and isinstance(processor, VaeImageProcessor)
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 32, 3), dtype=np.uint8))
+    prepared = processor.preprocess(image, SIZE)
+    assert prepared.shape == (1, 1, 3, SIZE, SIZE)
+    torch.testing.assert_close(tiny_pipeline.preprocess_source(image), prepared)
+    assert processor.postprocess(torch.zeros(1, 3, SIZE, SIZE), output_type="np")[0, 0, 0].tolist() == [0.5, 0.5, 0.5]
 
 
 @pytest.mark.parametrize(
@@ -127,12 +214,17 @@ def test_use_clipped_model_output_reaches_ddim_and_is_ignored_by_samplers_withou
     assert torch.isfinite(run(tiny_pipeline, source_tensor(), rays, use_clipped_model_output=True)).all()
 
 
-def test_save_pretrained_round_trip_reproduces_outputs(tiny_pipeline, tmp_path):
+@pytest.mark.parametrize("prediction_type, schedule", [("epsilon", "inverted_cosine"), ("v_prediction", "cosine"),
+                                                       ("sample", "cosine")])
+def test_save_pretrained_round_trip_reproduces_outputs(tmp_path, prediction_type, schedule):
+    pipe = make_tiny_pipeline(prediction_type, schedule)
     rays = orbit_rays([15.0, 60.0], size=SIZE)
-    expected = run(tiny_pipeline, source_tensor(), rays)
-    tiny_pipeline.save_pretrained(tmp_path)
+    expected = run(pipe, source_tensor(), rays)
+    pipe.save_pretrained(tmp_path)
     loaded = SODANovelViewPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
+    assert loaded.scheduler.config.prediction_type == prediction_type
+    assert loaded.name_or_path == str(tmp_path)
     torch.testing.assert_close(run(loaded, source_tensor(), rays), expected, atol=0, rtol=0)
 
 
@@ -208,11 +300,6 @@ def test_presets_build_and_unknown_presets_are_rejected():
     assert overridden.unet.config.layers_per_block == 2
     with pytest.raises(ValueError, match="soda-tiny"):
         SODANovelViewPipeline.from_preset("soda-huge")
-
-
-def test_a_fresh_tiny_pipeline_matches_its_preset_defaults():
-    pipe = make_tiny_pipeline("v_prediction", "cosine")
-    assert pipe.scheduler.config.prediction_type == "v_prediction"
 
 
 def test_transparent_pixels_are_white_not_the_colour_they_hide(tiny_pipeline):

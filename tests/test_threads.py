@@ -60,6 +60,7 @@ def test_nothing_is_set_once_torch_is_loaded():
     assert found["env"] is None and "torch was imported first" in found["choice"]["source"]
 
 
+@pytest.mark.slow
 def test_the_cli_chooses_before_its_commands_load_torch():
     found = run_python(
         "import contextlib, io, json, sys\n"

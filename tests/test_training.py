@@ -63,6 +63,7 @@ def losses(output_dir):
     return [row["loss"] for row in log_rows(output_dir)]
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_exactly(synthetic, tmp_path):
     train = load_script()
     assert train.main(train_flags(synthetic, tmp_path / "straight")) == 0
@@ -181,6 +182,56 @@ def test_clean_image_loss_weighting_is_the_error_of_the_implied_clean_image(pred
         train.loss_weights(scheduler, timesteps, "snr")
 
 
+def test_conditioning_dropout_draws_from_its_own_generator_and_drops_chunks_whole():
+    train = load_script()
+    z = torch.ones(4000, 12)
+
+    def dropped(seed, **probs):
+        return train.drop_conditioning(z, torch.Generator().manual_seed(seed), chunk_sizes=[4, 4, 4], **probs)
+
+    masked = dropped(0, z_drop_prob=0.5, layer_mask_prob=0.5)
+    # P(all dropped) = 0.5 + 0.5 * 0.5^3; P(entry dropped) = 0.5 + 0.5 * 0.5.
+    assert (masked == 0).all(dim=1).float().mean() == pytest.approx(0.5625, abs=0.03)
+    assert (masked == 0).float().mean() == pytest.approx(0.75, abs=0.03)
+    for chunk in masked.split(4, dim=1):
+        assert ((chunk == 0).all(1) | (chunk == 1).all(1)).all()
+    torch.testing.assert_close(dropped(0, z_drop_prob=0.5, layer_mask_prob=0.5), masked)
+    assert not torch.equal(dropped(1, z_drop_prob=0.5, layer_mask_prob=0.5), masked)
+    state = torch.random.get_rng_state()
+    whole = dropped(0, z_drop_prob=0.3)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global stream is untouched
+    assert ((whole == 0).all(1) | (whole == 1).all(1)).all() and (whole == 0).all(1).float().mean() == pytest.approx(0.3, abs=0.03)
+
+
+def test_input_perturbation_noises_the_input_more_than_the_target_says():
+    from diffusers import DDPMScheduler
+
+    train = load_script()
+    scheduler = DDPMScheduler(prediction_type="epsilon")
+    seen = {}
+
+    def unet(noisy, timesteps, rays, z):
+        seen["noisy"] = noisy
+        return SimpleNamespace(sample=torch.zeros_like(noisy))
+
+    batch = {"target_image": torch.rand(4, 3, 8, 8) * 2 - 1, "source_image": torch.zeros(4, 1, 3, 8, 8),
+             "target_rays": torch.zeros(4, 6, 8, 8)}
+
+    def loss(perturbation):
+        generators = {"timesteps": torch.Generator().manual_seed(0), "noise": torch.Generator().manual_seed(1)}
+        return train.diffusion_loss(lambda image, rays: torch.zeros(4, 2), unet, scheduler, batch, generators,
+                                    input_perturbation=perturbation)
+
+    timesteps = torch.randint(1000, (4,), generator=torch.Generator().manual_seed(0))
+    draws = torch.Generator().manual_seed(1)
+    noise, extra = torch.randn(4, 3, 8, 8, generator=draws), torch.randn(4, 3, 8, 8, generator=draws)
+    # The target stays the noise drawn first: a zero prediction's loss is its mean square either way.
+    torch.testing.assert_close(loss(0.1), noise.square().mean())
+    torch.testing.assert_close(seen["noisy"], scheduler.add_noise(batch["target_image"], noise + 0.1 * extra, timesteps))
+    loss(0.0)
+    torch.testing.assert_close(seen["noisy"], scheduler.add_noise(batch["target_image"], noise, timesteps))
+
+
 def test_schedule_flags_reach_the_saved_pipeline(synthetic, tmp_path):
     # The sampler exported with the model must use the noise schedule and prediction type it was trained with.
     from soda_diffusers.schedules import schedule_name
@@ -200,6 +251,18 @@ def test_schedule_flags_reach_the_saved_pipeline(synthetic, tmp_path):
         assert torch.isfinite(images).all()
     with pytest.raises(ValueError, match="schedule: expected one of"):
         train.main(train_flags(synthetic, tmp_path / "bad", noise_schedule="sigmoid"))
+    # The conditioning dropout and input perturbation are training flags: recorded with the run, not in the model.
+    out = tmp_path / "perturbed"
+    assert train.main(train_flags(synthetic, out, steps=2, input_perturbation=0.1, z_drop_prob=0.2, layer_mask_prob=0.3)) == 0
+    recorded = json.loads((out / "train_config.json").read_text())
+    assert (recorded["input_perturbation"], recorded["z_drop_prob"], recorded["layer_mask_prob"]) == (0.1, 0.2, 0.3)
+    pipe = SODANovelViewPipeline.from_pretrained(out)
+    assert "z_drop_prob" not in pipe.unet.config
+    assert torch.isfinite(pipe(torch.zeros(3, 32, 32), orbit_rays([15.0], size=32), num_inference_steps=2,
+                               output_type="pt").images).all()
+    for flag, value in (("z_drop_prob", 1.0), ("layer_mask_prob", -0.1), ("input_perturbation", -1)):
+        with pytest.raises(ValueError, match=f"--{flag}: expected"):
+            train.main(train_flags(synthetic, tmp_path / "bad", **{flag: value}))
 
 
 def log_rows(output_dir):
@@ -263,7 +326,7 @@ def test_a_resumed_time_budgeted_run_continues_at_its_saved_fraction(synthetic, 
 
 
 def test_the_logged_quality_equals_evaluate_on_the_same_pairs_and_the_curve_is_drawn(synthetic, tmp_path):
-    from soda_diffusers.evaluate_nvs import PairScorer, evaluate
+    from soda_diffusers.evaluation.runner import PairScorer, evaluate
 
     train = load_script()
     assert train.main(train_flags(synthetic, tmp_path / "run", steps=3, validation_objects=2,
@@ -317,6 +380,7 @@ def test_timestep_bias_weights_and_draws():
             train.timestep_weights(flags(**bad), 1000)
 
 
+@pytest.mark.slow
 def test_two_processes_stay_in_sync_and_only_rank_zero_writes(synthetic, tmp_path):
     # torchrun starts the two CPU processes (gloo); Accelerate picks the distributed setup up from it.
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(SCRIPT),
@@ -357,6 +421,7 @@ def finish(processes, timeout=60):
     return [process.returncode for process in processes], outputs
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes_exactly(synthetic, tmp_path):
     flags = dict(steps=40, checkpointing_steps=1000, validation_steps=1000)
     codes, outputs = finish(launch_ranks(train_flags(synthetic, tmp_path / "straight", **flags)))
@@ -476,6 +541,7 @@ def test_push_to_hub_flag_uploads_the_run_and_a_failed_upload_keeps_it(synthetic
     assert (tmp_path / "offline" / "model_index.json").is_file()
 
 
+@pytest.mark.slow
 def test_quickstart_writes_the_report_files_and_evaluate_reproduces_its_numbers(synthetic, tmp_path):
     from soda_diffusers.cli import main
 

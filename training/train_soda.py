@@ -21,7 +21,7 @@ processes together at the end of a step, so they save the same checkpoint and le
 A run's budget is ``--max_train_steps``, or with ``--max_train_minutes`` the clock: then the learning-rate
 schedule, its warm-up and the EMA warm-up run on the fraction of the minutes used (:class:`TrainingClock`),
 so the run ends annealed however many steps the machine gives. Every ``--validation_steps`` the run scores
-fixed val pairs with ``soda-nvs evaluate``'s metrics (:class:`~soda_diffusers.evaluate_nvs.PairScorer`) into
+fixed val pairs with ``soda-nvs evaluate``'s metrics (:class:`~soda_diffusers.evaluation.runner.PairScorer`) into
 ``train_log.jsonl`` and TensorBoard, and at the end draws them against minutes in ``learning_curve.png``.
 """
 
@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from soda_diffusers import SODAEncoder, SODANovelViewPipeline
 from soda_diffusers.data import StepBatches, ViewStore, default_synthetic_dataset
 from soda_diffusers.data.pairs import stream_generator, stream_seed
-from soda_diffusers.evaluate_nvs import PairScorer
+from soda_diffusers.evaluation.runner import PairScorer
 from soda_diffusers.hardware import matmul_peak_tflops
 from soda_diffusers.schedules import scheduler_config
 from soda_diffusers.visualize import make_grid, plot_learning_curve
@@ -95,6 +95,9 @@ DEFAULTS = {
     "lr_warmup_steps": 100,
     "snr_gamma": None,
     "loss_weighting": "none",
+    "input_perturbation": 0.0,
+    "z_drop_prob": 0.1,
+    "layer_mask_prob": 0.0,
     "timestep_bias_strategy": "none",
     "timestep_bias_multiplier": 1.0,
     "timestep_bias_portion": 0.25,
@@ -433,17 +436,39 @@ def loss_weights(noise_scheduler, timesteps, loss_weighting: str = "none", snr_g
     return weight
 
 
-def diffusion_loss(encoder, unet, noise_scheduler, batch, timestep_generator, noise_generator, snr_gamma=None,
-                   timestep_probs=None, loss_weighting="none"):
-    """Denoising loss of one batch; timesteps (uniform, or drawn with probabilities ``timestep_probs``)
-    from ``timestep_generator``, noise from ``noise_generator``: two streams, so neither quantity
-    is tied to the other (or to the batch's objects). Weighted by :func:`loss_weights`."""
+def drop_conditioning(z, generator, z_drop_prob: float = 0.0, layer_mask_prob: float = 0.0, chunk_sizes=None):
+    """Training-time latent dropout: the whole ``z`` with probability ``z_drop_prob`` (the unconditional model
+    that classifier-free guidance asks for) and, with layer-wise modulation (``chunk_sizes``: the U-Net's
+    ``z_chunk_sizes``), each level's chunk with ``layer_mask_prob`` (SODA's layer masking)."""
+    keep = torch.ones(z.shape[0], 1)
+    if layer_mask_prob > 0 and chunk_sizes:
+        chunk_keep = (torch.rand(z.shape[0], len(chunk_sizes), generator=generator) >= layer_mask_prob).float()
+        keep = chunk_keep.repeat_interleave(torch.tensor(chunk_sizes), dim=1)
+    if z_drop_prob > 0:
+        keep = keep * (torch.rand(z.shape[0], 1, generator=generator) >= z_drop_prob).float()
+    return z * keep.to(z.device, z.dtype)
+
+
+def diffusion_loss(encoder, unet, noise_scheduler, batch, generators: dict, timestep_probs=None,
+                   loss_weighting="none", snr_gamma=None, input_perturbation=0.0, z_drop_prob=0.0,
+                   layer_mask_prob=0.0, chunk_sizes=None):
+    """Denoising loss of one batch. ``generators`` holds one stream per random quantity, so that none is tied
+    to another (or to the batch's objects): ``timesteps`` (uniform, or drawn with probabilities
+    ``timestep_probs``), ``noise`` and ``conditioning`` (:func:`drop_conditioning`; only with a dropout).
+    ``input_perturbation``: the U-Net's input gets that much more fresh noise than its target accounts for
+    (Ning et al. 2023, as Diffusers' text-to-image example). Weighted by :func:`loss_weights`."""
     clean = batch["target_image"]
-    timesteps = draw_timesteps(timestep_generator, clean.shape[0], noise_scheduler.config.num_train_timesteps,
+    timesteps = draw_timesteps(generators["timesteps"], clean.shape[0], noise_scheduler.config.num_train_timesteps,
                                timestep_probs).to(clean.device)
-    noise = torch.randn(clean.shape, generator=noise_generator).to(clean.device, clean.dtype)
-    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    noise = torch.randn(clean.shape, generator=generators["noise"]).to(clean.device, clean.dtype)
+    input_noise = noise
+    if input_perturbation:
+        perturbation = torch.randn(clean.shape, generator=generators["noise"]).to(clean.device, clean.dtype)
+        input_noise = noise + input_perturbation * perturbation
+    noisy = noise_scheduler.add_noise(clean, input_noise, timesteps)
     z = encoder(batch["source_image"], batch.get("source_rays"))
+    if z_drop_prob or layer_mask_prob:
+        z = drop_conditioning(z, generators["conditioning"], z_drop_prob, layer_mask_prob, chunk_sizes)
     prediction = unet(noisy, timesteps, batch["target_rays"], z).sample
     target = training_target(noise_scheduler, clean, noise, timesteps)
     loss = (prediction.float() - target.float()).square().mean(dim=(1, 2, 3))
@@ -458,6 +483,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id (user/repo)")  # before training, not after
     check_loss_weighting(args.loss_weighting)  # before training, not at its first step
+    for flag in ("z_drop_prob", "layer_mask_prob"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise ValueError(f"--{flag}: expected a probability in [0, 1), got {getattr(args, flag)}")
+    if args.input_perturbation < 0:
+        raise ValueError(f"--input_perturbation: expected >= 0, got {args.input_perturbation}")
     if args.streaming and not args.data:
         raise ValueError("--streaming needs --data: a Hub dataset id or a folder of Parquet files (data/<split>-*.parquet)")
     if args.torch_threads:
@@ -487,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     timestep_probs = timestep_weights(args, noise_scheduler.config.num_train_timesteps)
     encoder, unet = pipe.encoder.train(), pipe.unet.train()
+    chunk_sizes = unet.z_chunk_sizes if unet.config.layerwise_modulation else None
     image_size = unet.config.sample_size
     attention = set_speed_options(args, encoder, unet)
     if args.gradient_checkpointing:
@@ -605,17 +636,18 @@ def main(argv: list[str] | None = None) -> int:
     batches = training_batches(train_source, first_step, args.max_train_steps, args, accelerator.device)
     while not clock.done:
         step_start = time.monotonic()
-        # z-dropout and layer masking inside the U-Net draw from the global RNG: its own stream, per step.
-        torch.manual_seed(stream_seed(args.seed, step, rank, "conditioning"))
+        # Dropout layers inside the models draw from the global RNG: its own stream, per step.
+        torch.manual_seed(stream_seed(args.seed, step, rank, "dropout"))
         batch = to_device(next(batches), accelerator.device, args.channels_last)
         data_seconds = time.monotonic() - step_start
         encoder.train()
         unet.train()
         with accelerator.autocast(), attention():
+            generators = {name: stream_generator(args.seed, step, rank, name)
+                          for name in ("timesteps", "noise", "conditioning")}
             loss = diffusion_loss(
-                encoder, unet, noise_scheduler, batch, stream_generator(args.seed, step, rank, "timesteps"),
-                stream_generator(args.seed, step, rank, "noise"), args.snr_gamma, timestep_probs,
-                args.loss_weighting,
+                encoder, unet, noise_scheduler, batch, generators, timestep_probs, args.loss_weighting,
+                args.snr_gamma, args.input_perturbation, args.z_drop_prob, args.layer_mask_prob, chunk_sizes,
             )
         finite = accelerator.gather(torch.isfinite(loss.detach()).float()[None]).min() > 0
         if not finite:
@@ -747,8 +779,8 @@ def validation_loss(encoder, unet, noise_scheduler, batch, accelerator) -> float
     unet.eval()
     batch = {k: v.to(accelerator.device) for k, v in batch.items()}
     with accelerator.autocast():
-        loss = diffusion_loss(encoder, unet, noise_scheduler, batch, torch.Generator().manual_seed(0),
-                              torch.Generator().manual_seed(1))
+        generators = {"timesteps": torch.Generator().manual_seed(0), "noise": torch.Generator().manual_seed(1)}
+        loss = diffusion_loss(encoder, unet, noise_scheduler, batch, generators)
     encoder.train()
     unet.train()
     return accelerator.gather(loss[None]).mean().item()

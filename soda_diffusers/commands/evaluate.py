@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from soda_diffusers import SODANovelViewPipeline
-    from soda_diffusers.evaluate_nvs import EVALUATION_TYPES, evaluate
+    from soda_diffusers.evaluation.runner import EVALUATION_TYPES, evaluate
     from soda_diffusers.schedules import set_scheduler
 
     if not Path(args.pipeline).is_dir():

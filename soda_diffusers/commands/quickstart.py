@@ -9,17 +9,19 @@ another object's source view), so it shows what the bottleneck latent actually c
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import os
 import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from soda_diffusers.evaluation import VIEW_METRICS, light_grey_ratio
-
-TRAINING_SCRIPT = Path(__file__).resolve().parents[1] / "training" / "train_soda.py"
+from soda_diffusers.evaluation.views import VIEW_METRICS, light_grey_ratio
+from soda_diffusers.resources import training_script
+from soda_diffusers.threads import THREAD_VARIABLES, set_wait_policy
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,17 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def load_training_script():
-    spec = importlib.util.spec_from_file_location("train_soda", TRAINING_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_soda = load_training_script()
     train_argv = ["--config", args.config, "--output_dir", str(out / "train"), "--seed", str(args.seed)]
     if args.steps is not None:
         train_argv += ["--max_train_steps", str(args.steps)]
@@ -63,14 +57,30 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         train_argv += ["--data", args.data]
     train_argv += shlex.split(args.train_args)
-    print(f"training: python {TRAINING_SCRIPT} {' '.join(train_argv)}")
-    code = train_soda.main(train_argv)
+    script = training_script()
+    print(f"training: python {script} {shlex.join(train_argv)}")
+    # The script a user runs, in its own process: it chooses OpenMP's waiting from the load it finds, as
+    # this process did (so this process's choice is not handed down as if the user had set it).
+    env = dict(os.environ)
+    if set_wait_policy()["source"] != "user":
+        for name in THREAD_VARIABLES:
+            env.pop(name, None)
+    code = run_training(script, train_argv, env)
     if code:
         return code
     summary = json.loads((out / "train" / "train_summary.json").read_text())
     report = evaluate_quickstart(out, summary, args.objects, args.split)
     print((out / "report.md").read_text())
     return 0 if report else 1
+
+
+def run_training(script: Path, argv: list[str], env: dict) -> int:
+    child = subprocess.Popen([sys.executable, str(script), *argv], env=env)
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            pass  # Ctrl-C reaches the training process too: it saves a checkpoint and stops; wait for that
 
 
 METHODS = (
@@ -87,7 +97,7 @@ def evaluate_quickstart(out: Path, summary: dict, num_objects: int, split: str =
     views from the data's view list, noise seeds, baselines), so that
     ``soda-nvs evaluate --pipeline OUT/pipeline --data DATA`` reproduces these numbers exactly."""
     from soda_diffusers import SODANovelViewPipeline
-    from soda_diffusers.evaluate_nvs import evaluate
+    from soda_diffusers.evaluation.runner import evaluate
     from soda_diffusers.visualize import plot_curves
 
     pipe = SODANovelViewPipeline.from_pretrained(out / "train")
@@ -137,7 +147,7 @@ def write_samples(out: Path, data: str, size: int, split: str) -> list[tuple[str
     """A grid (real views over generated ones, the source in its place) and an orbit GIF per evaluated
     object, from the views the evaluation generated. Returns ``(object_id, source_view)`` of each."""
     from soda_diffusers.data import NMRObjects
-    from soda_diffusers.evaluate_nvs import (
+    from soda_diffusers.evaluation.runner import (
         NVS_RECORDS_FILE,
         generated_views_path,
         load_view_strip,

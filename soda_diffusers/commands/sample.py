@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from soda_diffusers import SODANovelViewPipeline
     from soda_diffusers.cameras import NMR_NUM_VIEWS
     from soda_diffusers.data import NMRObjects
-    from soda_diffusers.evaluation import (
+    from soda_diffusers.evaluation.views import (
         generate_views_per_seed,
         object_target_rays,
         seeded_view,

@@ -21,7 +21,7 @@ from soda_diffusers.cameras import NMR_NUM_VIEWS, camera_rays
 
 # The random quantities of a training step, each drawn from its own stream. Append only: a stream's
 # position in this tuple is part of its seed.
-STREAMS = ("objects", "views", "timesteps", "noise", "conditioning")
+STREAMS = ("objects", "views", "timesteps", "noise", "conditioning", "dropout")
 
 
 def stream_seed(seed: int, step: int, rank: int, stream: str) -> int:

@@ -20,16 +20,11 @@ from diffusers import DiffusionPipeline
 from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
 
 import soda_diffusers
-from soda_diffusers.evaluate_nvs import BASELINE_TITLES
+from soda_diffusers.evaluation.runner import BASELINE_TITLES
+from soda_diffusers.resources import resource_dir
 from soda_diffusers.schedules import schedule_name
 
-PACKAGE_DIR = Path(__file__).resolve().parent.parent
-# The templates live in the top-level model_cards/ folder; an installed package reaches them through a
-# soda_diffusers/model_cards link, as it does presets/ and training/.
-MODEL_CARDS_DIR = next(
-    (path for path in (PACKAGE_DIR / "model_cards", PACKAGE_DIR.parent / "model_cards") if path.is_dir()),
-    PACKAGE_DIR / "model_cards",
-)
+MODEL_CARDS_DIR = resource_dir("model_cards")
 PIPELINE_CARD_TEMPLATE = MODEL_CARDS_DIR / "pipeline_card_template.md"
 DATASET_CARD_TEMPLATE = MODEL_CARDS_DIR / "dataset_card_template.md"
 # What a training run leaves beside the pipeline, and the card shows.
@@ -102,7 +97,7 @@ def _same_config(model, config_path: Path) -> bool:
 
 def preset_name(pipe: DiffusionPipeline) -> str | None:
     """The preset whose encoder and U-Net configs the pipeline's match, if any."""
-    presets = sorted(p for p in (PACKAGE_DIR / "presets").iterdir() if (p / "model_index.json").is_file())
+    presets = sorted(p for p in resource_dir("presets").iterdir() if (p / "model_index.json").is_file())
     for preset in presets:
         if all(_same_config(getattr(pipe, name), preset / name / "config.json") for name in ("encoder", "unet")):
             return preset.name
@@ -159,7 +154,6 @@ def _architecture_rows(pipe: DiffusionPipeline) -> list[tuple[str, str]]:
                            f"sampled with `{type(pipe.scheduler).__name__}`"),
         ("prediction type", f"`{scheduler['prediction_type']}`"),
         ("ray encoding", _ray_encoding(unet)),
-        ("classifier-free guidance", f"`z` dropped with p = {unet.z_drop_prob:g} in training"),
     ]
 
 
@@ -192,6 +186,9 @@ def _training_rows(summary: dict | None, config: dict | None) -> list[tuple[str,
         rows.append(("learning rate", f"U-Net {config['learning_rate']:g}, encoder {encoder_lr:g}, "
                                       f"`{config.get('lr_scheduler', 'constant')}` schedule, "
                                       f"{config.get('lr_warmup_steps', 0)} warm-up steps, AdamW"))
+    if "z_drop_prob" in config:
+        rows.append(("classifier-free guidance", f"`z` dropped with p = {config['z_drop_prob']:g} in training"
+                     + (f", each level's chunk with p = {config['layer_mask_prob']:g}" if config.get("layer_mask_prob") else "")))
     if "use_ema" in config:
         rows.append(("EMA", f"decay {config['ema_decay']:g} (the card's weights)" if config["use_ema"] else "no"))
     if config.get("mixed_precision"):

@@ -7,10 +7,8 @@ a relative import of a sibling file would name a file that never arrives. So thi
 torch, diffusers and the standard library, and an exported pipeline ships it, byte for byte, as both
 ``encoder/modeling_soda.py`` and ``unet/modeling_soda.py`` (:mod:`soda_diffusers.hub.bundle`).
 
-Its names stay importable where they always were: :mod:`soda_diffusers.models` (``SODAEncoder``,
-``SODAUNet2DModel``), :mod:`soda_diffusers.ray_encoding` (``RayEncoding`` and its helpers) and
-:mod:`soda_diffusers.cameras` (``camera_rays``, the package's one ray function; that module states the
-camera conventions).
+Its models are importable from :mod:`soda_diffusers.models` too, and ``camera_rays`` (the package's one ray
+function) from :mod:`soda_diffusers.cameras`, which states the camera conventions.
 
 Sections: rays (their geometry and their encodings), the encoder, the U-Net.
 """
@@ -22,6 +20,7 @@ import math
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention import AttentionMixin
 from diffusers.models.attention_processor import Attention
 from diffusers.models.downsampling import Downsample2D
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -429,7 +428,7 @@ class AdaGNResnetBlock(nn.Module):
         return self.shortcut(x) + h
 
 
-class SODAUNet2DModel(ModelMixin, ConfigMixin):
+class SODAUNet2DModel(ModelMixin, ConfigMixin, AttentionMixin):
     r"""U-Net denoiser of SODA: sees the noisy target, the target's ray encoding (extra input
     channels) and the latent ``z`` (AdaGN in every ResNet block), nothing else.
 
@@ -439,8 +438,8 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
     ``cross_attention_resolutions``, blocks at those resolutions also attend to ``z`` split into
     ``latent_tokens`` tokens (SODA's 3D setting uses cross-attention beside AdaGN): each position
     reads what it needs of the latent, where AdaGN gives every position the same scale and shift.
-    ``layer_mask_prob`` drops (zeroes) each chunk independently in training and ``z_drop_prob`` the whole latent (for
-    classifier-free guidance); both act only in ``train()`` mode, so evaluation is deterministic.
+    The model itself never drops ``z``: the training script does (``--z_drop_prob``, ``--layer_mask_prob``), so that
+    ``train()`` mode samples as ``eval()`` does and the config holds only what sampling needs.
 
     Parameters:
         sample_size: image resolution.
@@ -452,7 +451,7 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
         norm_num_groups: groups of the GroupNorms.
         dropout: dropout inside the ResNet blocks.
         latent_dim: size of ``z``.
-        layerwise_modulation, layer_mask_prob, z_drop_prob: see above.
+        layerwise_modulation: see above.
         ray_encoding, ray_sinusoidal_bands, ray_fourier_features, ray_fourier_scale: see
             :class:`RayEncoding`.
         patch_size: the U-Net works on ``patch_size x patch_size`` pixel patches folded into channels
@@ -465,6 +464,13 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # Training settings that configs saved before the training script took them over still hold: dropped on load.
+    _moved_to_training = ("z_drop_prob", "layer_mask_prob")
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        config_dict = {key: value for key, value in config_dict.items() if key not in cls._moved_to_training}
+        return super().extract_init_dict(config_dict, **kwargs)
 
     @register_to_config
     def __init__(
@@ -480,8 +486,6 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
         dropout: float = 0.0,
         latent_dim: int = 256,
         layerwise_modulation: bool = False,
-        layer_mask_prob: float = 0.0,
-        z_drop_prob: float = 0.1,
         ray_encoding: str = "plucker",
         ray_sinusoidal_bands: int = 4,
         ray_fourier_features: int = 16,
@@ -525,7 +529,7 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
                 residual_connection=True,
                 bias=True,
                 upcast_softmax=True,
-                **(cross or {"_from_deprecated_attn_block": True}),
+                **cross,
             )
 
         def cross_attention(channels: int) -> Attention:
@@ -602,16 +606,6 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
         tokens = z.view(z.shape[0], self.config.latent_tokens, -1)
         return self.latent_token_proj(tokens) + self.latent_token_embedding
 
-    def drop_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Training-time z-dropout (whole latent, for classifier-free guidance) and layer masking (chunks)."""
-        keep = torch.ones_like(z)
-        if self.config.layer_mask_prob > 0 and self.config.layerwise_modulation:
-            chunk_keep = (torch.rand(z.shape[0], len(self.z_chunk_sizes), device=z.device) >= self.config.layer_mask_prob)
-            keep = keep * chunk_keep.to(z.dtype).repeat_interleave(torch.tensor(self.z_chunk_sizes, device=z.device), dim=1)
-        if self.config.z_drop_prob > 0:
-            keep = keep * (torch.rand(z.shape[0], 1, device=z.device) >= self.config.z_drop_prob).to(z.dtype)
-        return z * keep
-
     def forward(
         self,
         sample: torch.Tensor,
@@ -643,8 +637,6 @@ class SODAUNet2DModel(ModelMixin, ConfigMixin):
         temb = self.time_embedding(self.time_proj(timesteps).to(sample.dtype))
         temb = nn.functional.silu(temb)
         z = z.to(sample.dtype)
-        if self.training:
-            z = self.drop_latents(z)
         z_per_level = self.z_chunks(z)
         tokens = self.latent_tokens(z)
 

@@ -32,23 +32,6 @@ def object_target_rays(obj: dict, source_view: int, size: int) -> torch.Tensor:
     return nmr_rays(obj["cameras"], source_view, target_views(source_view, obj["images"].shape[0]), size)
 
 
-@torch.no_grad()
-def generate_views(
-    pipe,
-    source_images: torch.Tensor,
-    target_rays: torch.Tensor,
-    seed: int = 0,
-    **pipe_kwargs,
-) -> torch.Tensor:
-    """Generated views ``(N, 3, H, W)`` in [-1, 1], one per target ray map, in one batched call.
-
-    ``source_images`` holds one source ``(3, H, W)`` for all targets or one per target
-    ``(N, 3, H, W)``; each target gets its own generator (``seed + i``), so a target's image does
-    not depend on what else is in the batch."""
-    seeds = range(seed, seed + target_rays.shape[0])
-    return generate_views_per_seed(pipe, source_images, target_rays, seeds, **pipe_kwargs)
-
-
 # What :func:`view_scores` returns, in this order (see :mod:`soda_diffusers.metrics` for each definition).
 VIEW_METRICS = ("psnr", "ssim", "ssim_pixelnerf", "fg_iou", "fg_color_error", "fg_brightness_error", "fg_chroma_error",
                 "light_grey", "target_light_grey")
