@@ -18,7 +18,3 @@ def resource_dir(name: str) -> Path:
     """The folder ``name`` (a key of :data:`REPOSITORY_FOLDERS`): in the installed package, else in the checkout."""
     installed = PACKAGE_DIR / name
     return installed if installed.is_dir() else PACKAGE_DIR.parent / REPOSITORY_FOLDERS[name]
-
-
-def training_script() -> Path:
-    return resource_dir("training") / "train_soda.py"

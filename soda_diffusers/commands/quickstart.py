@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from soda_diffusers.evaluation.views import VIEW_METRICS, light_grey_ratio
-from soda_diffusers.resources import training_script
+from soda_diffusers.evaluation.views import VIEW_METRICS
+from soda_diffusers.resources import resource_dir
 from soda_diffusers.threads import THREAD_VARIABLES, set_wait_policy
 
 
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         train_argv += ["--data", args.data]
     train_argv += shlex.split(args.train_args)
-    script = training_script()
+    script = resource_dir("training") / "train_soda.py"
     print(f"training: python {script} {shlex.join(train_argv)}")
     # The script a user runs, in its own process: it chooses OpenMP's waiting from the load it finds, as
     # this process did (so this process's choice is not handed down as if the user had set it).
@@ -181,11 +181,10 @@ def describe_thread_settings(settings: dict | None) -> str:
     return f"{variables} ({settings['source']})" if variables else settings["source"]
 
 
-def describe_ratio(ratio: float | None) -> str:
-    return "n/a" if ratio is None else f"{ratio:.2f}"
-
-
 def write_report(out: Path, result: dict, objects: list[tuple[str, int]]) -> None:
+    from soda_diffusers.evaluation.runner import NVS_COLUMNS, metric_cells, metric_titles
+
+    columns = [column for column in NVS_COLUMNS if column[0] != "lpips"]  # LPIPS's weights are not on a fresh machine
     model = result["model"]
     best_baseline = max(result["copy_source"]["psnr"], result["mean_image"]["psnr"])
     lines = [
@@ -200,14 +199,9 @@ def write_report(out: Path, result: dict, objects: list[tuple[str, int]]) -> Non
         f"(sampling took {result['sampling_seconds']:.0f} s). The same numbers come from "
         f"`{result['evaluate_command']}`.",
         "",
-        "| method | PSNR (dB) | SSIM | SSIM (pixelNeRF) | FG IoU | FG colour error | brightness | chroma "
-        "| light grey (x targets') |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *[f"| {label} | {result[key]['psnr']:.2f} | {result[key]['ssim']:.3f} | {result[key]['ssim_pixelnerf']:.3f} | "
-          f"{result[key]['fg_iou']:.3f} | {result[key]['fg_color_error']:.1f} | "
-          f"{result[key]['fg_brightness_error']:.1f} | {result[key]['fg_chroma_error']:.1f} | "
-          f"{describe_ratio(light_grey_ratio(result[key]))} |"
-          for key, label in METHODS],
+        f"| method | {metric_titles(columns)} |",
+        "|---|" + "---:|" * len(columns),
+        *[f"| {label} | {metric_cells(result[key], columns)} |" for key, label in METHODS],
         "",
         f"- Against the best baseline: {model['psnr'] - best_baseline:+.2f} dB PSNR; against copying the source: "
         f"{model['psnr'] - result['copy_source']['psnr']:+.2f} dB.",

@@ -692,7 +692,7 @@ def evaluate(
 # --------------------------------------------------------------------------------------- reports
 
 
-def _number(value, digits: int) -> str:
+def format_number(value, digits: int) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
@@ -710,9 +710,14 @@ NVS_COLUMNS = (
 )
 
 
-def _metric_cells(row: dict) -> str:
+def metric_titles(columns: Sequence[tuple[str, str, int]] = NVS_COLUMNS) -> str:
+    return " | ".join(title for _, title, _ in columns)
+
+
+def metric_cells(row: dict, columns: Sequence[tuple[str, str, int]] = NVS_COLUMNS) -> str:
+    """A table row's cells for ``columns`` (:data:`NVS_COLUMNS` or some of them) of averaged scores."""
     values = {**row, "light_grey_ratio": light_grey_ratio(row)}
-    return " | ".join(_number(values.get(key), digits) for key, _, digits in NVS_COLUMNS)
+    return " | ".join(format_number(values.get(key), digits) for key, _, digits in columns)
 
 
 def _category_label(synset: str, row: dict) -> str:
@@ -722,7 +727,7 @@ def _category_label(synset: str, row: dict) -> str:
 def _baseline_lines(nvs: dict) -> list[str]:
     """The model beside its baselines: every metric overall, then PSNR and FG IoU per category."""
     methods = {"**SODA**": nvs, **{BASELINE_TITLES.get(n, n): b for n, b in nvs["baselines"].items()}}
-    titles = " | ".join(title for _, title, _ in NVS_COLUMNS)
+    titles = metric_titles()
     lines = [
         "### Against baselines",
         "",
@@ -732,7 +737,7 @@ def _baseline_lines(nvs: dict) -> list[str]:
         "",
         f"| prediction | {titles} |",
         "|---|" + "---:|" * len(NVS_COLUMNS),
-        *(f"| {method} | {_metric_cells(row)} |" for method, row in methods.items()),
+        *(f"| {method} | {metric_cells(row)} |" for method, row in methods.items()),
         "",
         "PSNR (dB) / FG IoU per category:",
         "",
@@ -741,7 +746,7 @@ def _baseline_lines(nvs: dict) -> list[str]:
     ]
 
     def cells(rows) -> str:
-        return " | ".join(f"{_number(row['psnr'], 2)} / {_number(row.get('fg_iou'), 3)}" for row in rows)
+        return " | ".join(f"{format_number(row['psnr'], 2)} / {format_number(row.get('fg_iou'), 3)}" for row in rows)
 
     lines.append(f"| **all** | {cells(methods.values())} |")
     for synset, row in nvs["per_category"].items():
@@ -757,7 +762,7 @@ def metrics_markdown(results: dict) -> str:
     if "nvs" in results:
         nvs = results["nvs"]
         settings = nvs.get("settings", {})
-        titles = " | ".join(title for _, title, _ in NVS_COLUMNS)
+        titles = metric_titles()
         lines += [
             "## Novel view synthesis",
             "",
@@ -772,10 +777,10 @@ def metrics_markdown(results: dict) -> str:
             "",
             f"| category | objects | {titles} |",
             "|---|---:|" + "---:|" * len(NVS_COLUMNS),
-            f"| **all** | {nvs['objects']} | {_metric_cells(nvs)} |",
+            f"| **all** | {nvs['objects']} | {metric_cells(nvs)} |",
         ]
         for synset, row in nvs["per_category"].items():
-            lines.append(f"| {_category_label(synset, row)} | {row['objects']} | {_metric_cells(row)} |")
+            lines.append(f"| {_category_label(synset, row)} | {row['objects']} | {metric_cells(row)} |")
         if nvs.get("lpips_skipped"):
             lines += ["", f"LPIPS skipped: {nvs['lpips_skipped']}"]
         lines.append("")
@@ -802,9 +807,9 @@ def metrics_markdown(results: dict) -> str:
             "",
             "| encoder | linear probe | kNN probe |",
             "|---|---:|---:|",
-            f"| trained | {_number(probe['linear_acc'], 3)} | {_number(probe['knn_acc'], 3)} |",
-            f"| random init | {_number(probe['random_encoder']['linear_acc'], 3)} | "
-            f"{_number(probe['random_encoder']['knn_acc'], 3)} |",
+            f"| trained | {format_number(probe['linear_acc'], 3)} | {format_number(probe['knn_acc'], 3)} |",
+            f"| random init | {format_number(probe['random_encoder']['linear_acc'], 3)} | "
+            f"{format_number(probe['random_encoder']['knn_acc'], 3)} |",
             "",
         ]
     return "\n".join(lines)
